@@ -1,0 +1,116 @@
+"""The `ferry` command. Each subcommand's work lives in its component; this
+module only parses flags (each with a FERRY_* environment variable) and turns
+FerryError into a message and an exit status instead of a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from ferry import errors
+from ferry.logs import setup_logging
+
+DEFAULT_CONTROLPLANE = "127.0.0.1:7400"
+DEFAULT_TRANSFERD = "127.0.0.1:7401"
+DEFAULT_CONVERTER = "127.0.0.1:7402"
+DEFAULT_TRANSFERD_METRICS = "127.0.0.1:9401"
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def _default_state_dir() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, "ferry")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ferry", description="Move virtual machines onto KubeVirt."
+    )
+    parser.add_argument(
+        "--log-level", default=_env("FERRY_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run one of the services")
+    serve_sub = serve.add_subparsers(dest="service", required=True)
+
+    s = serve_sub.add_parser("transferd", help="the transfer daemon")
+    s.add_argument("--listen", default=_env("FERRY_TRANSFERD_LISTEN", DEFAULT_TRANSFERD))
+    s.add_argument(
+        "--metrics-listen", default=_env("FERRY_TRANSFERD_METRICS", DEFAULT_TRANSFERD_METRICS),
+        help="host:port for Prometheus /metrics; empty to disable",
+    )
+
+    s = serve_sub.add_parser("converter", help="the guest converter")
+    s.add_argument("--listen", default=_env("FERRY_CONVERTER_LISTEN", DEFAULT_CONVERTER))
+
+    s = serve_sub.add_parser("controlplane", help="the control plane")
+    s.add_argument(
+        "--listen", default=_env("FERRY_CONTROLPLANE_LISTEN", DEFAULT_CONTROLPLANE)
+    )
+    s.add_argument("--state-dir", default=_env("FERRY_STATE_DIR", _default_state_dir()))
+    s.add_argument("--transferd", default=_env("FERRY_TRANSFERD", DEFAULT_TRANSFERD))
+    s.add_argument("--converter", default=_env("FERRY_CONVERTER", DEFAULT_CONVERTER))
+
+    m = sub.add_parser(
+        "migrate",
+        help="migrate disk images to a local target",
+        description=(
+            "Migrate one VM made of local disk images. Starts the three services "
+            "in-process unless --controlplane names a running control plane."
+        ),
+    )
+    m.add_argument(
+        "--source", required=True,
+        help="disk:PATH[,PATH...] disk images (raw, qcow2, vmdk) of one VM, boot disk first",
+    )
+    m.add_argument("--target", required=True, help="local:DIR directory for the result")
+    m.add_argument("--name", help="VM name (default: from a .vmx beside the disk, or the file name)")
+    m.add_argument(
+        "--mac", action="append", default=[],
+        help="source NIC MAC address, in order (repeat); default: from a .vmx beside the disk",
+    )
+    m.add_argument("--controlplane", default=_env("FERRY_CONTROLPLANE", ""),
+                   help="host:port of a running control plane")
+    m.add_argument("--state-dir", default=_env("FERRY_STATE_DIR", ""),
+                   help="state directory when services run in-process (default: a temporary one)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        if args.command == "serve":
+            if args.service == "transferd":
+                from transferd.server import serve as serve_transferd
+
+                serve_transferd(args.listen, args.metrics_listen)
+            elif args.service == "converter":
+                from converter.server import serve as serve_converter
+
+                serve_converter(args.listen)
+            else:
+                from controlplane.server import serve as serve_controlplane
+
+                serve_controlplane(args.listen, args.state_dir, args.transferd, args.converter)
+            return 0
+        from controlplane.migrate import run_migrate
+
+        return run_migrate(args)
+    except errors.FerryError as e:
+        print(f"ferry: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("ferry: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
