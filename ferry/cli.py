@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="migrate disk images to a local target",
         description=(
             "Migrate one VM made of local disk images. Starts the three services "
-            "in-process unless --controlplane names a running control plane."
+            "as child processes on Unix sockets unless --controlplane names a "
+            "running control plane."
         ),
     )
     m.add_argument(
@@ -71,15 +72,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="disk:PATH[,PATH...] disk images (raw, qcow2, vmdk) of one VM, boot disk first",
     )
     m.add_argument("--target", required=True, help="local:DIR directory for the result")
-    m.add_argument("--name", help="VM name (default: from a .vmx beside the disk, or the file name)")
+    m.add_argument(
+        "--name", help="VM name (default: from a .vmx beside the disk, or the file name)"
+    )
     m.add_argument(
         "--mac", action="append", default=[],
         help="source NIC MAC address, in order (repeat); default: from a .vmx beside the disk",
     )
+    m.add_argument(
+        "--skip-conversion", action="store_true",
+        help="copy the disks and create the VM without converting the guest "
+        "(data disks, or a guest already on virtio)",
+    )
     m.add_argument("--controlplane", default=_env("FERRY_CONTROLPLANE", ""),
                    help="host:port of a running control plane")
     m.add_argument("--state-dir", default=_env("FERRY_STATE_DIR", ""),
-                   help="state directory when services run in-process (default: a temporary one)")
+                   help="state directory of the control plane it starts (default: a temporary one)")
+    c = sub.add_parser(
+        "copy", help="copy one disk (NBD URI or local image) to a file or block device",
+        description="Copy one disk with transferd's engine, in-process. Exit status 0 "
+        "only when the target is complete and flushed.",
+    )
+    from transferd.copy import add_arguments as add_copy_arguments
+
+    add_copy_arguments(c)
     return parser
 
 
@@ -101,6 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 serve_controlplane(args.listen, args.state_dir, args.transferd, args.converter)
             return 0
+        if args.command == "copy":
+            from transferd.copy import run_copy
+
+            return run_copy(args)
         from controlplane.migrate import run_migrate
 
         return run_migrate(args)

@@ -35,8 +35,10 @@ def status_code_for(err: errors.FerryError) -> grpc.StatusCode:
 def error_from_rpc(err: grpc.RpcError, service: str) -> errors.FerryError:
     """Turns a failed call back into a FerryError so callers (the CLI, the
     control plane) handle remote and local failures alike."""
-    code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
-    details = (err.details() if isinstance(err, grpc.Call) else None) or str(err)
+    # grpc.aio.AioRpcError carries code() and details() but is no grpc.Call.
+    is_call = isinstance(err, grpc.Call | grpc.aio.AioRpcError)
+    code = err.code() if is_call else grpc.StatusCode.UNKNOWN
+    details = (err.details() if is_call else None) or str(err)
     for cls, c in _CODES:
         if c == code:
             return cls(details)
@@ -45,24 +47,25 @@ def error_from_rpc(err: grpc.RpcError, service: str) -> errors.FerryError:
     return errors.OperationFailed(f"{service} failed: {details}")
 
 
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Turns FerryError raised by a servicer into the matching status code, and
     anything unexpected into INTERNAL with the exception logged, never a bare
     UNKNOWN."""
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Any:
+        # Typed loosely: grpc-stubs describe the synchronous handler types only.
         handler = await continuation(details)
         if handler is None:
             return None
         method = details.method
         if handler.unary_unary:
-            inner_uu = handler.unary_unary
+            inner_uu: Any = handler.unary_unary
 
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def unary_unary(request: Any, context: Any) -> Any:
                 try:
                     return await inner_uu(request, context)
                 except errors.FerryError as e:
@@ -79,11 +82,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
-            inner_us = handler.unary_stream
+            inner_us: Any = handler.unary_stream
 
-            async def unary_stream(
-                request: Any, context: grpc.aio.ServicerContext
-            ) -> AsyncIterator[Any]:
+            async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
                 try:
                     async for item in inner_us(request, context):
                         yield item
@@ -113,7 +114,7 @@ async def start_server(
     Returns the server and the bound port."""
     server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
     register(server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
         port = server.add_insecure_port(listen)

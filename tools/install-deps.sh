@@ -6,7 +6,7 @@ set -euo pipefail
 packages=(
   python3-venv python3-libnbd python3-guestfs libguestfs-tools linux-image-amd64
   nbdkit libnbd-bin qemu-utils qemu-system-x86 debootstrap e2fsprogs fdisk
-  make
+  make time
 )
 
 missing=()

@@ -1,0 +1,189 @@
+"""Plans: filling in what the source descriptor knows, and validation into
+Conditions (Blocking / Warning) whose messages name the VM, the problem and
+the fix."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from controlplane.providers import disk_images
+from controlplane.targets import local
+from ferry.v1 import controlplane_pb2
+
+BLOCKING = "Blocking"
+WARNING = "Warning"
+DEFAULT_MEMORY_MIB = 2048
+DEFAULT_CPUS = 2
+
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class Problem:
+    vm: str
+    category: str
+    type: str
+    message: str
+
+    def condition(self) -> controlplane_pb2.Condition:
+        return controlplane_pb2.Condition(
+            vm=self.vm, category=self.category, type=self.type, message=self.message
+        )
+
+
+def generated_mac(plan_name: str, vm: str, index: int) -> str:
+    """A stable, locally administered MAC in QEMU's 52:54:00 range, derived
+    from the plan, the VM and the NIC position so re-creating the plan gives
+    the same address."""
+    digest = hashlib.sha256(f"{plan_name}/{vm}/{index}".encode()).digest()
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+
+def normalize_mac(mac: str) -> str:
+    return mac.strip().lower().replace("-", ":")
+
+
+def is_valid_mac(mac: str) -> bool:
+    return _MAC.match(mac) is not None
+
+
+def complete_plan(plan: controlplane_pb2.Plan) -> list[Problem]:
+    """Fills each VM's memory, CPUs, firmware and NICs from the .vmx beside
+    its first disk, then from defaults; a VM with no known MAC gets a
+    generated one, with a warning. Edits `plan` in place."""
+    problems: list[Problem] = []
+    for vm in plan.vms:
+        descriptor = None
+        if vm.disks:
+            vmx = disk_images.find_vmx(vm.disks[0])
+            descriptor = disk_images.read_vmx(vmx) if vmx else None
+        if descriptor:
+            vm.memory_mib = vm.memory_mib or descriptor.memory_mib
+            vm.cpus = vm.cpus or descriptor.cpus
+            vm.firmware = vm.firmware or descriptor.firmware
+            if not vm.nics:
+                for found in descriptor.nics:
+                    if found.mac:
+                        vm.nics.add(mac=found.mac, network=found.network)
+        vm.memory_mib = vm.memory_mib or DEFAULT_MEMORY_MIB
+        vm.cpus = vm.cpus or DEFAULT_CPUS
+        vm.firmware = vm.firmware or "bios"
+        for nic in vm.nics:
+            nic.mac = normalize_mac(nic.mac)
+        if not vm.nics:
+            mac = generated_mac(plan.name, vm.name, 0)
+            vm.nics.add(mac=mac)
+            problems.append(Problem(
+                vm.name, WARNING, "NoNicMac",
+                f"VM {vm.name}: no NIC MAC address is known (no .vmx beside the disk and no "
+                f"--mac); the VM gets the generated MAC {mac}, so a guest that pins its "
+                "network to the old MAC loses it; pass the source MAC with --mac",
+            ))
+    return problems
+
+
+def validate_plan(plan: controlplane_pb2.Plan) -> list[Problem]:
+    """Everything that can be checked before a migration starts."""
+    problems: list[Problem] = []
+    if not plan.vms:
+        problems.append(Problem(
+            "", BLOCKING, "NoVMs", f"plan {plan.name or plan.id} has no VMs; add at least one"
+        ))
+    if plan.WhichOneof("source") != "disk_images":
+        problems.append(Problem(
+            "", BLOCKING, "UnsupportedSource",
+            "the plan has no source; set disk_images (the only source in this version)",
+        ))
+    if plan.WhichOneof("target") != "local":
+        problems.append(Problem(
+            "", BLOCKING, "UnsupportedTarget",
+            "the plan has no target; set local with a directory (the only target in this version)",
+        ))
+    else:
+        for kind, message in local.target_problems(plan.local.directory):
+            problems.append(Problem("", BLOCKING, kind, message))
+
+    seen: dict[str, int] = {}
+    for vm in plan.vms:
+        seen[vm.name] = seen.get(vm.name, 0) + 1
+    for name, count in seen.items():
+        if count > 1:
+            problems.append(Problem(
+                name, BLOCKING, "DuplicateVMName",
+                f"VM {name}: the name is used by {count} VMs of the plan; "
+                "give each VM its own name",
+            ))
+
+    target_ok = plan.WhichOneof("target") == "local" and not local.target_problems(
+        plan.local.directory
+    )
+    for vm in plan.vms:
+        problems.extend(_validate_vm(vm, plan.local.directory if target_ok else None))
+    return problems
+
+
+def _validate_vm(vm: controlplane_pb2.PlanVM, target_dir: str | None) -> list[Problem]:
+    label = vm.name or "(unnamed)"
+    out: list[Problem] = []
+    if not _VM_NAME.match(vm.name):
+        out.append(Problem(
+            vm.name, BLOCKING, "InvalidVMName",
+            f"VM {label}: the name must be 1-63 letters, digits, '.', '_' or '-' starting "
+            "with a letter or digit, because it names the target directory; pass --name",
+        ))
+    if not vm.disks:
+        out.append(Problem(
+            vm.name, BLOCKING, "NoDisks", f"VM {label}: no disk images; add at least one"
+        ))
+    for path in vm.disks:
+        try:
+            disk_images.inspect_image(path)
+        except disk_images.ImageProblem as e:
+            out.append(Problem(vm.name, BLOCKING, e.kind, f"VM {label}: {e}"))
+    if vm.disks:
+        vmx = disk_images.find_vmx(vm.disks[0])
+        if vmx:
+            given = {p.rsplit("/", 1)[-1] for p in vm.disks}
+            for name in disk_images.read_vmx(vmx).disks:
+                if name.rsplit("/", 1)[-1] not in given:
+                    out.append(Problem(
+                        vm.name, WARNING, "DiskNotInPlan",
+                        f"VM {label}: {vmx.name} lists the disk {name}, which is not in the "
+                        "plan; the migrated VM will not have it; add it to the source disks",
+                    ))
+    for nic in vm.nics:
+        if not is_valid_mac(nic.mac):
+            out.append(Problem(
+                vm.name, BLOCKING, "InvalidMac",
+                f"VM {label}: {nic.mac!r} is not a MAC address; write it as 00:50:56:aa:bb:cc",
+            ))
+    if vm.firmware not in ("", "bios", "uefi"):
+        out.append(Problem(
+            vm.name, BLOCKING, "InvalidFirmware",
+            f"VM {label}: firmware {vm.firmware!r} is unknown; use bios or uefi",
+        ))
+    if target_dir is not None and _VM_NAME.match(vm.name):
+        problem = local.vm_directory_problem(target_dir, vm.name)
+        if problem:
+            out.append(Problem(
+                vm.name, BLOCKING, "TargetVMDirectoryNotEmpty", f"VM {label}: {problem}"
+            ))
+    return out
+
+
+def prepare_plan(plan: controlplane_pb2.Plan) -> controlplane_pb2.Plan:
+    """A copy of `plan`, completed, with its conditions replaced by a fresh
+    validation."""
+    out = controlplane_pb2.Plan()
+    out.CopyFrom(plan)
+    del out.conditions[:]
+    problems = complete_plan(out) + validate_plan(out)
+    out.conditions.extend(p.condition() for p in problems)
+    return out
+
+
+def blocking(plan: controlplane_pb2.Plan) -> list[controlplane_pb2.Condition]:
+    return [c for c in plan.conditions if c.category == BLOCKING]

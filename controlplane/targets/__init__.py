@@ -1,0 +1,1 @@
+"""Where migrated VMs land: each target prepares, creates and cleans up a VM."""

@@ -1,0 +1,182 @@
+"""The migration runner against the real transferd and real qemu-nbd: disks
+copy bit for bit, the source is untouched, qemu-nbd is gone afterwards, and
+failure or cancellation removes what the migration created."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+
+import grpc
+import pytest
+
+from controlplane import plans
+from controlplane.migration import MigrationRunner, Services, new_migration, run_migration
+from controlplane.store import Store
+from ferry import errors
+from ferry.v1 import controlplane_pb2, transfer_pb2, transfer_pb2_grpc
+from tests.controlplane.conftest import make_raw_with_mbr, qemu_img, qemu_nbd_serving, sha256_of
+
+M = controlplane_pb2.MigrationState
+
+
+@pytest.fixture
+def sources(tmp_path: Path) -> list[Path]:
+    """A raw disk with an MBR and a qcow2 disk with data written into it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    raw = make_raw_with_mbr(src / "web.raw", size_mib=24)
+    qcow = src / "web-data.qcow2"
+    qemu_img("create", "-f", "qcow2", str(qcow), "32M")
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0xab 1M 3M",
+                    "-c", "write -P 0x5c 20M 64k", str(qcow)], check=True, capture_output=True)
+    return [raw, qcow]
+
+
+def _plan(sources: list[Path], target: Path) -> controlplane_pb2.Plan:
+    plan = controlplane_pb2.Plan(
+        name="copy-only",
+        disk_images=controlplane_pb2.DiskImageSource(),
+        local=controlplane_pb2.LocalTarget(directory=str(target)),
+        vms=[controlplane_pb2.PlanVM(name="web", disks=[str(s) for s in sources])],
+        skip_conversion=True,  # no guest OS on these disks
+    )
+    plan.vms[0].nics.add(mac="00:50:56:00:00:07")
+    return plan
+
+
+@pytest.fixture
+def target(tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    out.mkdir()
+    return out
+
+
+def test_copy_disks_copies_every_disk_exactly_and_leaves_the_source_alone(
+    sources: list[Path], target: Path, tmp_path: Path, transferd_addr: str
+):
+    before = [sha256_of(s) for s in sources]
+    store = Store(str(tmp_path / "state"))
+    plan = _plan(sources, target)
+
+    mig = asyncio.run(run_migration(plan, store, transferd_addr, "unix:/nonexistent",
+                                    str(tmp_path / "state")))
+
+    assert mig.state == M.MIGRATION_STATE_SUCCEEDED, mig.error
+    vm_dir = target / "web"
+    assert sha256_of(vm_dir / "disk0.raw") == before[0]
+    subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(sources[1]),
+                    str(vm_dir / "disk1.raw")], check=True, capture_output=True)
+    assert [sha256_of(s) for s in sources] == before
+    assert [qemu_nbd_serving(s.resolve()) for s in sources] == [[], []]
+    assert sorted(p.name for p in vm_dir.iterdir()) == [
+        "disk0.raw", "disk1.raw", "web.qemu.sh", "web.xml"
+    ]
+    assert "mac=00:50:56:00:00:07" in (vm_dir / "web.qemu.sh").read_text()
+
+    stored = store.get_migration(mig.id)
+    vm = stored.vms[0]
+    assert [(p.name, p.state) for p in vm.phases] == [
+        ("CopyDisks", M.MIGRATION_STATE_SUCCEEDED),
+        ("CreateVM", M.MIGRATION_STATE_SUCCEEDED),
+        ("Completed", M.MIGRATION_STATE_SUCCEEDED),
+    ]
+    assert all(p.started_at.seconds and p.finished_at.seconds for p in vm.phases)
+    assert [d.progress.size_bytes for d in vm.disks] == [24 << 20, 32 << 20]
+    assert all(d.transfer_id for d in vm.disks)
+    assert vm.qemu_command_file == str(vm_dir / "web.qemu.sh")
+    assert vm.libvirt_xml_file == str(vm_dir / "web.xml")
+    assert store.get_plan(stored.plan_id).vms[0].name == "web"
+
+
+def test_a_plan_with_a_blocking_condition_does_not_start(
+    sources: list[Path], tmp_path: Path, transferd_addr: str
+):
+    store = Store(str(tmp_path / "state"))
+    missing = tmp_path / "missing"
+    with pytest.raises(errors.FailedPrecondition) as e:
+        asyncio.run(run_migration(_plan(sources, missing), store, transferd_addr,
+                                  "unix:/nonexistent", str(tmp_path / "state")))
+    assert str(e.value) == (
+        f"plan copy-only cannot start: target directory {missing} does not exist; "
+        f"create it (mkdir -p {missing})"
+    )
+    assert store.list_plans() == []
+
+
+def test_an_unreachable_transferd_fails_the_vm_and_removes_its_directory(
+    sources: list[Path], target: Path, tmp_path: Path
+):
+    store = Store(str(tmp_path / "state"))
+    plan = _plan(sources, target)
+
+    mig = asyncio.run(run_migration(plan, store, f"unix:{tmp_path}/no-transferd.sock",
+                                    "unix:/nonexistent", str(tmp_path / "state")))
+
+    assert mig.state == M.MIGRATION_STATE_FAILED
+    vm = mig.vms[0]
+    assert vm.state == M.MIGRATION_STATE_FAILED
+    assert vm.error.startswith("copying disk")
+    assert vm.error.endswith(f"; removed {target / 'web'}, which this migration had created")
+    assert mig.error == f"VM web: {vm.error}"
+    assert vm.phases[0].state == M.MIGRATION_STATE_FAILED
+    assert vm.phases[1].state == M.MIGRATION_STATE_PENDING
+    assert list(target.iterdir()) == []
+    assert [qemu_nbd_serving(s.resolve()) for s in sources] == [[], []]
+    assert store.get_migration(mig.id).state == M.MIGRATION_STATE_FAILED
+
+
+def test_cancel_during_copy_cancels_transfers_and_removes_the_vm_directory(
+    sources: list[Path], target: Path, tmp_path: Path, transferd_addr: str
+):
+    before = [sha256_of(s) for s in sources]
+    store = Store(str(tmp_path / "state"))
+    plan = plans.prepare_plan(_plan(sources, target))
+    assert list(plan.conditions) == []
+    plan.id = "p-cancel"
+    store.put_plan(plan)
+
+    async def run_and_cancel() -> controlplane_pb2.Migration:
+        services = Services(transferd_addr, "unix:/nonexistent")
+        task: asyncio.Task[controlplane_pb2.Migration] | None = None
+
+        def cancel_once_a_transfer_runs(m: controlplane_pb2.Migration) -> None:
+            # Called inside the runner: the cancel lands at its next await,
+            # which is the watch of a started transfer.
+            if task is not None and any(d.transfer_id for d in m.vms[0].disks):
+                task.cancel()
+
+        runner = MigrationRunner(plan, new_migration(plan), store, services,
+                                 str(tmp_path / "state"), cancel_once_a_transfer_runs)
+        task = asyncio.create_task(runner.run())
+        try:
+            return await task
+        except asyncio.CancelledError:
+            return runner.migration
+        finally:
+            await services.close()
+
+    mig = asyncio.run(run_and_cancel())
+
+    assert mig.state == M.MIGRATION_STATE_CANCELLED
+    vm = mig.vms[0]
+    assert vm.error == (
+        "cancelled by the operator during phase CopyDisks; "
+        f"removed {target / 'web'}, which this migration had created"
+    )
+    assert vm.phases[0].state == M.MIGRATION_STATE_CANCELLED
+    assert list(target.iterdir()) == []
+    assert [qemu_nbd_serving(s.resolve()) for s in sources] == [[], []]
+    assert [sha256_of(s) for s in sources] == before
+    assert store.get_migration(mig.id).state == M.MIGRATION_STATE_CANCELLED
+    # transferd holds no transfer of this migration still running.
+    with grpc.insecure_channel(transferd_addr) as channel:
+        stub = transfer_pb2_grpc.TransferServiceStub(channel)
+        states = {t.id: t.state for t in stub.ListTransfers(
+            transfer_pb2.ListTransfersRequest()).transfers}
+    ours = [states[d.transfer_id] for d in vm.disks if d.transfer_id]
+    assert ours and all(
+        s in (transfer_pb2.TRANSFER_STATE_CANCELLED, transfer_pb2.TRANSFER_STATE_SUCCEEDED)
+        for s in ours
+    )

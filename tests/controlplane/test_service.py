@@ -1,0 +1,206 @@
+"""The ControlPlane gRPC API, served for real on a Unix socket and driven
+with a gRPC client, against the real transferd."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from controlplane.server import start
+from controlplane.store import Store
+from ferry.v1 import controlplane_pb2 as pb
+from ferry.v1 import controlplane_pb2_grpc as pb_grpc
+from tests.controlplane.conftest import make_raw_with_mbr, qemu_nbd_serving, sha256_of
+
+M = pb.MigrationState
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+@pytest.fixture
+def controlplane(state_dir: Path, transferd_addr: str) -> Iterator[pb_grpc.ControlPlaneStub]:
+    workdir = tempfile.mkdtemp(prefix="ferry-cp-")
+    address = f"unix:{workdir}/cp.sock"
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    running = asyncio.run_coroutine_threadsafe(
+        start(address, str(state_dir), transferd_addr, "unix:/nonexistent"), loop
+    ).result(timeout=60)
+    channel = grpc.insecure_channel(address)
+    try:
+        yield pb_grpc.ControlPlaneStub(channel)
+    finally:
+        channel.close()
+        asyncio.run_coroutine_threadsafe(running.stop(), loop).result(timeout=60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _plan(disks: list[Path], target: Path, name: str = "web") -> pb.Plan:
+    return pb.Plan(
+        name=name,
+        disk_images=pb.DiskImageSource(),
+        local=pb.LocalTarget(directory=str(target)),
+        vms=[pb.PlanVM(name=name, disks=[str(d) for d in disks],
+                       nics=[pb.SourceNic(mac="00:50:56:00:00:09")])],
+        skip_conversion=True,
+    )
+
+
+def test_a_plan_with_blocking_conditions_is_stored_but_cannot_start(
+    controlplane: pb_grpc.ControlPlaneStub, tmp_path: Path
+):
+    plan = controlplane.CreatePlan(pb.CreatePlanRequest(
+        plan=_plan([tmp_path / "missing.vmdk"], tmp_path / "no-target")
+    ))
+    assert plan.id and plan.created_at.seconds
+    assert [(c.category, c.type) for c in plan.conditions] == [
+        ("Blocking", "TargetDirectoryMissing"), ("Blocking", "DiskNotFound"),
+    ]
+    assert controlplane.GetPlan(pb.GetPlanRequest(plan_id=plan.id)) == plan
+    assert [p.id for p in controlplane.ListPlans(pb.ListPlansRequest()).plans] == [plan.id]
+
+    with pytest.raises(grpc.RpcError) as e:
+        controlplane.StartMigration(pb.StartMigrationRequest(plan_id=plan.id))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert e.value.details() == (
+        f"plan web cannot start: target directory {tmp_path / 'no-target'} does not exist; "
+        f"create it (mkdir -p {tmp_path / 'no-target'}); VM web: disk image "
+        f"{tmp_path / 'missing.vmdk'} does not exist; check the path"
+    )
+
+
+def test_unknown_ids_are_not_found(controlplane: pb_grpc.ControlPlaneStub):
+    for call, request in [
+        (controlplane.GetPlan, pb.GetPlanRequest(plan_id="nope")),
+        (controlplane.StartMigration, pb.StartMigrationRequest(plan_id="nope")),
+        (controlplane.GetMigration, pb.GetMigrationRequest(migration_id="nope")),
+        (controlplane.CancelMigration, pb.CancelMigrationRequest(migration_id="nope")),
+        (lambda r: list(controlplane.WatchMigration(r)),
+         pb.WatchMigrationRequest(migration_id="nope")),
+    ]:
+        with pytest.raises(grpc.RpcError) as e:
+            call(request)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "nope does not exist" in (e.value.details() or "")
+
+
+def test_watch_streams_a_migration_from_start_to_success(
+    controlplane: pb_grpc.ControlPlaneStub, tmp_path: Path
+):
+    disk = make_raw_with_mbr(tmp_path / "web.raw", size_mib=32)
+    before = sha256_of(disk)
+    target = tmp_path / "out"
+    target.mkdir()
+    plan = controlplane.CreatePlan(pb.CreatePlanRequest(plan=_plan([disk], target)))
+    assert list(plan.conditions) == []
+
+    started = controlplane.StartMigration(pb.StartMigrationRequest(plan_id=plan.id))
+    seen = list(controlplane.WatchMigration(
+        pb.WatchMigrationRequest(migration_id=started.id), timeout=300
+    ))
+
+    assert started.state == M.MIGRATION_STATE_PENDING
+    assert [p.name for p in started.vms[0].phases] == ["CopyDisks", "CreateVM", "Completed"]
+    last = seen[-1]
+    assert last.state == M.MIGRATION_STATE_SUCCEEDED, last.error
+    assert all(m.state != M.MIGRATION_STATE_SUCCEEDED for m in seen[:-1])
+    assert "CopyDisks" in {m.vms[0].phase for m in seen}
+    assert last.vms[0].disks[0].progress.size_bytes == 32 << 20
+    assert controlplane.GetMigration(pb.GetMigrationRequest(migration_id=started.id)) == last
+    # Cancelling a finished migration changes nothing.
+    assert controlplane.CancelMigration(
+        pb.CancelMigrationRequest(migration_id=started.id)
+    ) == last
+    assert sha256_of(target / "web" / "disk0.raw") == before == sha256_of(disk)
+
+
+def test_a_restarted_control_plane_fails_the_migration_it_was_running(
+    tmp_path: Path, state_dir: Path
+):
+    store = Store(str(state_dir))
+    store.put_plan(pb.Plan(id="p1", name="web"))
+    mig = pb.Migration(id="m1", plan_id="p1", state=M.MIGRATION_STATE_RUNNING)
+    vm = mig.vms.add(name="web", state=M.MIGRATION_STATE_RUNNING, phase="ConvertGuest")
+    vm.phases.add(name="ConvertGuest", state=M.MIGRATION_STATE_RUNNING)
+    store.put_migration(mig)
+    store.close()
+
+    workdir = tempfile.mkdtemp(prefix="ferry-cp-")
+    address = f"unix:{workdir}/cp.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ferry.cli", "serve", "controlplane", "--listen", address,
+         "--state-dir", str(state_dir), "--transferd", "unix:/nonexistent",
+         "--converter", "unix:/nonexistent"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        with grpc.insecure_channel(address) as channel:
+            grpc.channel_ready_future(channel).result(timeout=60)
+            got = pb_grpc.ControlPlaneStub(channel).GetMigration(
+                pb.GetMigrationRequest(migration_id="m1")
+            )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+        shutil.rmtree(workdir, ignore_errors=True)
+    assert got.state == M.MIGRATION_STATE_FAILED
+    assert got.vms[0].error == (
+        "control plane restarted during phase ConvertGuest; start the migration again"
+    )
+    assert proc.returncode == 0, stderr.decode()
+    assert b"control plane restarted during phase ConvertGuest" in stderr
+
+
+
+
+def test_stopping_the_control_plane_mid_copy_fails_the_migration_and_cleans_up(
+    big_disk: Path, tmp_path: Path, state_dir: Path, transferd_addr: str
+):
+    target = tmp_path / "out"
+    target.mkdir()
+    workdir = tempfile.mkdtemp(prefix="ferry-cp-")
+    address = f"unix:{workdir}/cp.sock"
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    running = asyncio.run_coroutine_threadsafe(
+        start(address, str(state_dir), transferd_addr, "unix:/nonexistent"), loop
+    ).result(timeout=60)
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_grpc.ControlPlaneStub(channel)
+            plan = stub.CreatePlan(pb.CreatePlanRequest(plan=_plan([big_disk], target, "big")))
+            started = stub.StartMigration(pb.StartMigrationRequest(plan_id=plan.id))
+            for m in stub.WatchMigration(pb.WatchMigrationRequest(migration_id=started.id)):
+                if m.vms[0].disks[0].transfer_id:
+                    break
+        asyncio.run_coroutine_threadsafe(running.stop(), loop).result(timeout=120)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    got = Store(str(state_dir)).get_migration(started.id)
+    assert got.state == M.MIGRATION_STATE_FAILED
+    assert got.vms[0].error == (
+        "control plane stopped during phase CopyDisks; start the migration again; "
+        f"removed {target / 'big'}, which this migration had created"
+    )
+    assert list(target.iterdir()) == []
+    assert qemu_nbd_serving(big_disk) == []

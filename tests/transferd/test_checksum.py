@@ -1,0 +1,158 @@
+"""Block hashes of sources and targets, the Checksum RPC, and transfers that
+verify their copy."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+import uvloop
+
+from ferry.v1 import transfer_pb2 as pb
+from tests.transferd.conftest import (
+    KiB,
+    MiB,
+    NbdServer,
+    Transferd,
+    changing_source,
+    details,
+    wait_final,
+)
+from transferd import checksum
+from transferd.sources.nbd import NbdSource
+
+S = pb.TransferState
+
+
+def sparse_file(path: Path, size: int, runs: list[tuple[int, int]]) -> Path:
+    with path.open("wb") as f:
+        f.truncate(size)
+        for offset, length in runs:
+            f.seek(offset)
+            f.write(os.urandom(length))
+    return path
+
+
+def nbd_checksum(uri: str) -> checksum.Checksum:
+    async def run() -> checksum.Checksum:
+        source = await NbdSource.open(uri)
+        try:
+            return await checksum.source_checksum(source, MiB)
+        finally:
+            await source.close()
+    result: checksum.Checksum = uvloop.run(run())
+    return result
+
+
+@pytest.mark.parametrize("size", [0, 4097, checksum.BLOCK_SIZE, 3 * checksum.BLOCK_SIZE + 123])
+def test_source_and_file_hash_alike_at_any_size(tmp_path: Path, size: int):
+    runs = [(0, min(size, 1000)), (max(0, size - 5000), min(size, 5000))]
+    image = sparse_file(tmp_path / "d.img", size, runs)
+    with NbdServer.nbdkit(image, tmp_path / "nbd.sock") as server:  # exact sizes
+        over_nbd = nbd_checksum(server.uri)
+    local = checksum.path_checksum(str(image), size)
+    assert over_nbd == local
+    assert local.size == size and local.algorithm == "blake2b-256-blocks"
+
+
+def test_holes_and_written_zeros_hash_alike_and_one_byte_differs(tmp_path: Path):
+    size = 20 * MiB + 5
+    sparse = sparse_file(tmp_path / "sparse.img", size, [(9 * MiB + 1, 100 * KiB)])
+    dense = tmp_path / "dense.img"
+    dense.write_bytes(sparse.read_bytes())  # every zero written out
+    assert dense.stat().st_blocks > sparse.stat().st_blocks
+    assert checksum.path_checksum(str(sparse), size) == checksum.path_checksum(str(dense), size)
+
+    with dense.open("r+b") as f:
+        f.seek(size - 1)
+        f.write(b"\x01")
+    assert checksum.path_checksum(str(sparse), size) != checksum.path_checksum(str(dense), size)
+
+
+def test_checksum_rpc_hashes_a_source_and_a_path_comparably(
+    transferd: Transferd, tmp_path: Path
+):
+    image = sparse_file(tmp_path / "d.img", 10 * MiB, [(MiB, MiB)])
+    with NbdServer.qemu(image, tmp_path / "nbd.sock") as server:
+        of_source = transferd.stub.Checksum(pb.ChecksumRequest(source_uri=server.uri))
+    of_path = transferd.stub.Checksum(pb.ChecksumRequest(path=str(image)))
+    assert of_source == of_path
+    assert of_path.size == 10 * MiB
+    assert of_path.block_size == checksum.BLOCK_SIZE
+    assert len(of_path.digest) == 64
+    first_half = transferd.stub.Checksum(pb.ChecksumRequest(path=str(image), size=5 * MiB))
+    assert first_half.digest != of_path.digest
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "message"),
+    [
+        (pb.ChecksumRequest(), grpc.StatusCode.INVALID_ARGUMENT, "pass exactly one"),
+        (pb.ChecksumRequest(source_uri="nbd://h/", path="/x"),
+         grpc.StatusCode.INVALID_ARGUMENT, "pass exactly one"),
+        (pb.ChecksumRequest(path="/nonexistent/d.img"), grpc.StatusCode.NOT_FOUND,
+         "/nonexistent/d.img does not exist"),
+        (pb.ChecksumRequest(path="/etc/hostname", size=1 << 40),
+         grpc.StatusCode.INVALID_ARGUMENT, "is beyond the end of /etc/hostname"),
+    ],
+)
+def test_checksum_rpc_refuses_bad_requests(
+    transferd: Transferd, request_: pb.ChecksumRequest, code: grpc.StatusCode, message: str
+):
+    with pytest.raises(grpc.RpcError) as e:
+        transferd.stub.Checksum(request_)
+    assert e.value.code() == code
+    assert message in details(e.value)
+
+
+def test_verified_transfer_reports_the_checksum(transferd: Transferd, tmp_path: Path):
+    size = 12 * MiB + 999
+    image = sparse_file(tmp_path / "d.img", size, [(0, MiB), (7 * MiB, 3 * MiB)])
+    target = tmp_path / "out.img"
+    with NbdServer.nbdkit(image, tmp_path / "nbd.sock") as server:
+        started = transferd.stub.StartTransfer(pb.StartTransferRequest(
+            source_uri=server.uri, target_path=str(target),
+            options=pb.TransferOptions(verify=True)))
+        final = wait_final(transferd.stub, started.id)
+
+    assert final.state == S.TRANSFER_STATE_SUCCEEDED, final.error
+    assert final.options.verify
+    assert final.progress.bytes_verified == size
+    want = checksum.path_checksum(str(image), size)
+    assert final.checksum == f"blake2b-256-blocks:{want.digest}"
+
+
+def test_source_changed_under_the_copy_fails_verification(
+    transferd: Transferd, tmp_path: Path
+):
+    target = tmp_path / "out.img"
+    with changing_source(tmp_path / "nbd.sock", 3 * MiB) as server:
+        started = transferd.stub.StartTransfer(pb.StartTransferRequest(
+            source_uri=server.uri, target_path=str(target),
+            options=pb.TransferOptions(verify=True)))
+        final = wait_final(transferd.stub, started.id)
+
+    assert final.state == S.TRANSFER_STATE_FAILED
+    assert final.error.startswith(f"verification failed: source {server.uri} has checksum "
+                                  "blake2b-256-blocks:")
+    assert f"but target {target} has blake2b-256-blocks:" in final.error
+    assert "do not use it" in final.error
+    assert not target.exists()
+    assert final.checksum == ""
+
+
+def test_copy_command_fails_verification_with_exit_1(tmp_path: Path):
+    target = tmp_path / "out.img"
+    target.write_bytes(b"\xaa" * (3 * MiB))
+    with changing_source(tmp_path / "nbd.sock", 3 * MiB) as server:
+        done = subprocess.run([sys.executable, "-m", "ferry.cli", "copy", server.uri,
+                               str(target), "--verify"],
+                              capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1
+    assert done.stderr.startswith("ferry: error: verification failed")
+    assert f"the existing file {target} was left as is" in done.stderr
+    assert not Path(f"{target}.ferry-journal").exists()

@@ -1,0 +1,114 @@
+"""Several disks at once in one transferd, under its global limit, and more
+than one connection only where the server allows it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ferry.v1 import transfer_pb2 as pb
+from tests.transferd.conftest import (
+    MiB,
+    NbdServer,
+    Transferd,
+    in_process_transferd,
+    wait_final,
+)
+
+S = pb.TransferState
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time() -> Iterator[Transferd]:
+    with in_process_transferd(max_transfers=1) as td:
+        yield td
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("src") / "disk.img"
+    path.write_bytes(os.urandom(8 * MiB))
+    return path
+
+
+def test_transfers_beyond_the_limit_wait_pending_then_run(
+    one_at_a_time: Transferd, image: Path, tmp_path: Path
+):
+    td = one_at_a_time
+    with NbdServer.nbdkit(image, tmp_path / "slow.sock", "delay",
+                          params=("rdelay=50ms",)) as slow, \
+            NbdServer.nbdkit(image, tmp_path / "fast.sock") as fast:
+        first = td.stub.StartTransfer(pb.StartTransferRequest(
+            source_uri=slow.uri, target_path=str(tmp_path / "a.img"),
+            options=pb.TransferOptions(request_size=MiB, max_requests=1)))
+        second = td.stub.StartTransfer(pb.StartTransferRequest(
+            source_uri=fast.uri, target_path=str(tmp_path / "b.img")))
+        assert first.state == S.TRANSFER_STATE_RUNNING
+        assert second.state == S.TRANSFER_STATE_PENDING
+        assert second.progress.bytes_read == 0
+        assert second.progress.bytes_planned == 8 * MiB
+        done_first = wait_final(td.stub, first.id)
+        done_second = wait_final(td.stub, second.id)
+
+    assert done_first.state == done_second.state == S.TRANSFER_STATE_SUCCEEDED
+    # The second one only started once the first had finished.
+    assert done_second.started_at.ToNanoseconds() >= done_first.finished_at.ToNanoseconds()
+    assert (tmp_path / "a.img").read_bytes() == image.read_bytes()
+    assert (tmp_path / "b.img").read_bytes() == image.read_bytes()
+
+
+def test_cancelling_a_pending_transfer_leaves_its_place_to_the_next(
+    one_at_a_time: Transferd, image: Path, tmp_path: Path
+):
+    td = one_at_a_time
+    with NbdServer.nbdkit(image, tmp_path / "slow.sock", "delay",
+                          params=("rdelay=50ms",)) as slow, \
+            NbdServer.nbdkit(image, tmp_path / "fast.sock") as fast:
+        first = td.stub.StartTransfer(pb.StartTransferRequest(
+            source_uri=slow.uri, target_path=str(tmp_path / "a.img"),
+            options=pb.TransferOptions(request_size=MiB, max_requests=1)))
+        second = td.stub.StartTransfer(pb.StartTransferRequest(
+            source_uri=fast.uri, target_path=str(tmp_path / "b.img")))
+        third = td.stub.StartTransfer(pb.StartTransferRequest(
+            source_uri=fast.uri, target_path=str(tmp_path / "c.img")))
+        cancelled = td.stub.CancelTransfer(pb.CancelTransferRequest(transfer_id=second.id))
+        finals = [wait_final(td.stub, t.id) for t in (first, third)]
+
+    assert cancelled.state == S.TRANSFER_STATE_CANCELLED
+    assert not (tmp_path / "b.img").exists()
+    assert [f.state for f in finals] == [S.TRANSFER_STATE_SUCCEEDED] * 2
+    assert (tmp_path / "c.img").read_bytes() == image.read_bytes()
+
+
+def test_several_disks_copy_at_once(transferd: Transferd, image: Path, tmp_path: Path):
+    servers = [NbdServer.nbdkit(image, tmp_path / f"{i}.sock") for i in range(4)]
+    try:
+        ids = [transferd.stub.StartTransfer(pb.StartTransferRequest(
+            source_uri=s.uri, target_path=str(tmp_path / f"{i}.img"))).id
+            for i, s in enumerate(servers)]
+        finals = [wait_final(transferd.stub, i) for i in ids]
+    finally:
+        for s in servers:
+            s.stop()
+    assert [f.state for f in finals] == [S.TRANSFER_STATE_SUCCEEDED] * 4
+    for i in range(4):
+        assert (tmp_path / f"{i}.img").read_bytes() == image.read_bytes()
+
+
+@pytest.mark.parametrize(("mode", "want"), [("auto", 4), ("disable", 1)])
+def test_connections_beyond_one_only_with_multi_conn(
+    transferd: Transferd, image: Path, tmp_path: Path, mode: str, want: int
+):
+    """nbdkit's file plugin advertises multi-conn unless its multi-conn filter
+    is told not to."""
+    with NbdServer.nbdkit(image, tmp_path / "nbd.sock", "multi-conn",
+                          params=(f"multi-conn-mode={mode}",)) as s:
+        final = wait_final(transferd.stub, transferd.stub.StartTransfer(
+            pb.StartTransferRequest(source_uri=s.uri, target_path=str(tmp_path / "o.img"),
+                                    options=pb.TransferOptions(connections=4))).id)
+    assert final.state == S.TRANSFER_STATE_SUCCEEDED, final.error
+    assert final.options.connections == want
+    assert (tmp_path / "o.img").read_bytes() == image.read_bytes()

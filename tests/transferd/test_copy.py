@@ -1,0 +1,208 @@
+"""`ferry copy` as users run it: a subprocess, real qemu-nbd / nbdkit sources,
+exit status and messages checked."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.transferd.conftest import KiB, MiB, NbdServer, sparse_hash
+from transferd import engine
+from transferd.copy import parse_size, progress_line
+
+SIZE = 64 * MiB
+RUNS = [(0, 64 * KiB), (5 * MiB + 4097, 3 * MiB), (SIZE - 100 * KiB, 100 * KiB)]
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("src") / "disk.img"
+    with path.open("wb") as f:
+        f.truncate(SIZE)
+        for offset, length in RUNS:
+            f.seek(offset)
+            f.write(os.urandom(length))
+    return path
+
+
+def ferry_copy(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ferry.cli", "copy", *map(str, args)],
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_local_image_copies_sparse_verified_with_progress(image: Path, tmp_path: Path):
+    target = tmp_path / "out.img"
+    done = ferry_copy(image, target, "--verify", "--progress")
+
+    assert done.returncode == 0, done.stderr
+    assert sparse_hash(target) == sparse_hash(image)
+    assert target.stat().st_blocks * 512 < 16 * MiB  # holes stayed holes
+    summary = done.stderr.strip().splitlines()[-1]
+    data = sum(n for _, n in RUNS)
+    # qemu-nbd allows multi-conn on a read-only export shared by several clients.
+    assert re.match(r"copied 64\.0 MiB in [\d.]+ s over 2 connection\(s\): read ", summary)
+    assert "verified blake2b-256-blocks:" in summary
+    assert "Traceback" not in done.stderr
+    assert data <= 8 * MiB  # the read figure is MiB-rounded; the runs are small
+    assert not (tmp_path / "out.img.ferry-journal").exists()
+
+
+def test_qcow2_image_is_served_in_its_format(image: Path, tmp_path: Path):
+    qcow2 = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(image), str(qcow2)], check=True)
+    target = tmp_path / "out.img"
+    done = ferry_copy(qcow2, target)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""  # quiet without --progress
+    assert sparse_hash(target) == sparse_hash(image)
+
+
+def test_nbd_uri_with_tunables_and_multi_conn(image: Path, tmp_path: Path):
+    target = tmp_path / "out.img"
+    with NbdServer.nbdkit(image, tmp_path / "nbd.sock") as server:  # advertises multi-conn
+        done = ferry_copy(server.uri, target, "--request-size", "256K", "--requests", "4",
+                          "--connections", "2", "--progress")
+
+    assert done.returncode == 0, done.stderr
+    assert "over 2 connection(s)" in done.stderr
+    assert sparse_hash(target) == sparse_hash(image)
+
+
+def test_direct_io_target_file_copies_and_verifies(image: Path, tmp_path: Path):
+    target = tmp_path / "out.img"
+    done = ferry_copy(image, target, "--direct", "--verify", "--request-size", "1M")
+
+    assert done.returncode == 0, done.stderr
+    assert sparse_hash(target) == sparse_hash(image)
+
+
+def test_existing_target_is_overwritten(image: Path, tmp_path: Path):
+    target = tmp_path / "out.img"
+    target.write_bytes(b"\xaa" * (2 * SIZE))
+    done = ferry_copy(image, target)
+
+    assert done.returncode == 0, done.stderr
+    assert target.stat().st_size == SIZE
+    assert target.read_bytes() == image.read_bytes()
+
+
+def test_failing_source_exits_1_and_removes_the_created_target(image: Path, tmp_path: Path):
+    target = tmp_path / "out.img"
+    with NbdServer.nbdkit(image, tmp_path / "nbd.sock", "error",
+                          params=("error-pread=EIO", "error-pread-rate=100%")) as server:
+        done = ferry_copy(server.uri, target)
+
+    assert done.returncode == 1
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"ferry: error: source {server.uri} failed to read ")
+    assert "Input/output error" in error
+    assert "gave up after 5 attempts" in error
+    assert f"the target file {target}, created by this transfer, was removed" in error
+    assert "Traceback" not in done.stderr
+    assert list(tmp_path.glob("out.img*")) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["{tmp}/missing.img", "{tmp}/out/t.img"], "source {tmp}/missing.img does not exist"),
+        (["{tmp}", "{tmp}/out/t.img"], "is a directory; pass a disk image"),
+        (["{image}", "{tmp}/nodir/t.img"], "target directory {tmp}/nodir does not exist"),
+        (["{image}", "{tmp}/out/t.img", "--request-size", "3M"],
+         "--request-size 3145728 is not a power of two"),
+        (["{image}", "{tmp}/out/t.img", "--connections", "99"], "--connections 99 is above 16"),
+        (["{image}", "{tmp}/out/t.img", "--profile", "vddk", "--request-size", "4M"],
+         "--request-size 4194304 is not a power of two between 4096 (4 KiB) and 2097152"),
+        (["{image}", "{image}"], "source and target are the same file"),
+        (["{image}", "{tmp}/out/t.img", "--changed-areas", "{tmp}/areas.txt"],
+         "target {tmp}/out/t.img does not exist; an incremental copy"),
+        (["{image}", "{tmp}/out/t.img", "--changed-areas", "{tmp}/nope.txt"],
+         "changed areas file {tmp}/nope.txt does not exist"),
+        (["{image}", "{tmp}/out/t.img", "--dirty-bitmap", "b0"],
+         "target {tmp}/out/t.img does not exist; an incremental copy"),
+        (["nbd+unix:///?socket={tmp}/none.sock", "{tmp}/out/t.img"],
+         "source socket {tmp}/none.sock does not exist"),
+        (["http://example.invalid/d.img", "{tmp}/out/t.img"], "does not exist"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message_and_leaves_nothing(
+    image: Path, tmp_path: Path, args: list[str], message: str
+):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "areas.txt").write_text("0 4096\n")
+    before = sparse_hash(image)
+    done = ferry_copy(*(a.format(tmp=tmp_path, image=image) for a in args))
+
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("ferry: error: ")
+    assert message.format(tmp=tmp_path) in done.stderr
+    assert "Traceback" not in done.stderr
+    assert list((tmp_path / "out").iterdir()) == []
+    assert sparse_hash(image) == before
+
+
+def test_changed_areas_out_of_the_disk_are_refused_before_writing(image: Path, tmp_path: Path):
+    target = tmp_path / "out.img"
+    target.write_bytes(b"\xaa" * SIZE)
+    areas = tmp_path / "areas.json"
+    areas.write_text(f'[{{"start": {SIZE - 4096}, "length": 8192}}]')
+    done = ferry_copy(image, target, "--changed-areas", areas)
+
+    assert done.returncode == 2
+    assert "changed areas do not fit source" in done.stderr
+    assert "ends past the disk's end (67108864 bytes)" in done.stderr
+    assert target.read_bytes() == b"\xaa" * SIZE
+    assert not (tmp_path / "out.img.ferry-journal").exists()
+
+
+@pytest.mark.parametrize(("text", "value"),
+                         [("4096", 4096), ("2M", 2 * MiB), ("256K", 256 * KiB),
+                          ("1GiB", 1 << 30), ("2m", 2 * MiB)])
+def test_sizes_take_binary_suffixes(text: str, value: int):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "M", "2X", "-1", "1.5M"])
+def test_sizes_that_are_not_sizes_are_refused(text: str):
+    with pytest.raises(Exception, match="is not a size"):
+        parse_size(text)
+
+
+def test_progress_line_shows_percent_rate_and_eta():
+    p = engine.Progress(size=4 * MiB, planned=4 * MiB, read=MiB, skipped=MiB)
+    assert progress_line(p, rate=MiB, verifying=False) == (
+        " 50.0% 2.0 MiB of 4.0 MiB copied, 1.0 MiB/s, 2 s left")
+    assert progress_line(p, rate=MiB, verifying=False, bar=10).startswith("[#####.....]  50.0%")
+    p.verified = MiB
+    assert progress_line(p, rate=0, verifying=True) == " 25.0% 1.0 MiB of 4.0 MiB verified"
+
+
+def test_progress_of_an_empty_plan_is_complete():
+    assert progress_line(engine.Progress(), rate=0, verifying=False).startswith("100.0% 0 B")
+
+
+def test_sigterm_stops_the_copy_and_removes_the_created_target(image: Path, tmp_path: Path):
+    target = tmp_path / "out.img"
+    with NbdServer.nbdkit(image, tmp_path / "nbd.sock", "delay",
+                          params=("rdelay=200ms",)) as server:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ferry.cli", "copy", "--requests", "1", server.uri,
+             str(target)], stderr=subprocess.PIPE, text=True)
+        while not target.exists():
+            assert proc.poll() is None
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+
+    assert proc.returncode == 1
+    assert stderr.startswith("ferry: error: the copy was interrupted; the target file "
+                             f"{target}, created by this transfer, was removed")
+    assert list(tmp_path.glob("out.img*")) == []

@@ -1,0 +1,286 @@
+"""`ferry copy SOURCE TARGET`: one transfer in-process with transferd's engine,
+for scripts and benchmarks, in the spirit of nbdcopy.
+
+SOURCE is an NBD URI, or a local disk image (raw, qcow2, vmdk, ...) that is
+served read-only by qemu-nbd for the copy. The exit status is 0 only when the
+target is complete and flushed (and, with --verify, checked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import TextIO
+from urllib.parse import quote, urlsplit
+
+import uvloop
+
+from ferry import errors
+from ferry.v1 import transfer_pb2 as pb
+from transferd import engine, extents
+from transferd.job import Job, Spec, check_target_for, first_error, tuning_from
+from transferd.sources.nbd import SCHEMES
+
+FLAGS = {"request_size": "--request-size", "max_requests": "--requests",
+         "connections": "--connections", "profile": "--profile",
+         "max_bytes_in_flight": "--request-size"}
+SERVER_START_SECONDS = 30.0
+UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """A byte count, optionally with a K, M or G suffix (powers of 1024)."""
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = value[-1:] if value[-1:] in UNITS else ""
+    number = value[: len(value) - len(unit)]
+    if not number.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; pass e.g. 2097152 or 2M")
+    return int(number) * UNITS[unit]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="NBD URI (nbd://, nbd+unix://) or a local disk image")
+    p.add_argument("target", help="file (created or overwritten) or block device")
+    p.add_argument("--verify", action="store_true",
+                   help="compare block hashes of source and target after the copy")
+    p.add_argument("--request-size", type=parse_size, default=0,
+                   help="largest read, e.g. 2M (default: the profile's)")
+    p.add_argument("--requests", type=int, default=0,
+                   help="requests in flight per connection (default 16)")
+    p.add_argument("--connections", type=int, default=0,
+                   help="NBD connections; more than one only if the server allows multi-conn")
+    p.add_argument("--profile", default="", help="source profile: default or vddk")
+    p.add_argument("--direct", action="store_true",
+                   help="write the target with O_DIRECT (not on tmpfs)")
+    p.add_argument("--changed-areas", metavar="FILE",
+                   help="copy only these areas onto an earlier copy: JSON "
+                   '[{"start": N, "length": N}, ...] or "OFFSET LENGTH" lines')
+    p.add_argument("--dirty-bitmap", metavar="NAME", default="",
+                   help="copy only the areas marked in this dirty bitmap of the source")
+    p.add_argument("--progress", action="store_true",
+                   help="show progress on stderr (a bar on a terminal, lines otherwise)")
+
+
+def is_uri(source: str) -> bool:
+    return urlsplit(source).scheme in SCHEMES
+
+
+def read_areas(path: str) -> tuple[tuple[int, int], ...]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise errors.NotFound(f"changed areas file {path} does not exist; fix "
+                              "--changed-areas") from None
+    except OSError as e:
+        raise errors.InvalidInput(f"cannot read changed areas file {path}: {e.strerror}") from e
+    try:
+        return tuple(extents.parse_areas(text))
+    except ValueError as e:
+        raise errors.InvalidInput(f"changed areas file {path}: {e}") from e
+
+
+def image_format(path: str) -> str:
+    """The image's format as qemu sees it, so qemu-nbd never has to guess."""
+    done = subprocess.run(["qemu-img", "info", "--output=json", path],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise errors.InvalidInput(
+            f"source {path} is not a disk image qemu can read: "
+            f"{done.stderr.strip() or done.returncode}"
+        )
+    return str(json.loads(done.stdout)["format"])
+
+
+def check_local_source(path: str) -> None:
+    if not os.path.exists(path):
+        raise errors.NotFound(
+            f"source {path} does not exist; pass a disk image or an NBD URI "
+            "(nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH)"
+        )
+    if os.path.isdir(path):
+        raise errors.InvalidInput(f"source {path} is a directory; pass a disk image")
+    if not os.access(path, os.R_OK):
+        raise errors.FailedPrecondition(f"source {path} is not readable; fix its permissions")
+
+
+@contextlib.contextmanager
+def served(path: str, bitmap: str) -> Iterator[str]:
+    """Serves a local image read-only with qemu-nbd on a private socket for
+    as long as the block runs; yields the URI."""
+    if shutil.which("qemu-nbd") is None:
+        raise errors.FailedPrecondition(
+            "qemu-nbd is not installed; install qemu-utils, or serve the image yourself "
+            "and pass its NBD URI"
+        )
+    fmt = image_format(path)
+    with tempfile.TemporaryDirectory(prefix="ferry-copy-") as tmp:
+        sock = os.path.join(tmp, "source.sock")
+        pidfile = os.path.join(tmp, "qemu-nbd.pid")
+        argv = ["qemu-nbd", "--read-only", "--persistent", "--shared=32",
+                f"--format={fmt}", f"--socket={sock}", f"--pid-file={pidfile}"]
+        if bitmap:
+            argv.append(f"--bitmap={bitmap}")
+        proc = subprocess.Popen([*argv, path], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + SERVER_START_SECONDS
+            while not (os.path.exists(pidfile) and os.path.getsize(pidfile)):
+                if proc.poll() is not None:
+                    stderr = proc.stderr.read().decode().strip() if proc.stderr else ""
+                    raise errors.InvalidInput(f"cannot serve source {path}: {stderr}")
+                if time.monotonic() > deadline:
+                    raise errors.Unavailable(
+                        f"qemu-nbd did not start serving {path} within "
+                        f"{SERVER_START_SECONDS:.0f} s"
+                    )
+                time.sleep(0.02)
+            yield f"nbd+unix:///?socket={quote(sock)}"
+        finally:
+            proc.kill()
+            proc.wait()
+            if proc.stderr is not None:
+                proc.stderr.close()
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def progress_line(p: engine.Progress, rate: float, verifying: bool, bar: int = 0) -> str:
+    """One progress report: percent, bytes, rate, ETA; with `bar` > 0, a bar
+    that many characters wide in front."""
+    if verifying:
+        total, done, what = p.size, p.verified, "verified"
+    else:
+        total, done, what = p.planned, p.done, "copied"
+    fraction = done / total if total else 1.0
+    text = f"{fraction * 100:5.1f}% {_human(done)} of {_human(total)} {what}"
+    if not verifying:
+        text += f", {_human(rate)}/s"
+        eta = p.eta(rate)
+        if eta:
+            text += f", {eta:.0f} s left"
+    if bar:
+        filled = int(fraction * bar)
+        text = f"[{'#' * filled}{'.' * (bar - filled)}] {text}"
+    return text
+
+
+async def _report(job: Job, out: TextIO, tty: bool, state: dict[str, bool]) -> None:
+    interval = 0.2 if tty else 1.0
+    while True:
+        await asyncio.sleep(interval)
+        line = progress_line(job.progress, job.progress.rate(), state["verifying"],
+                             bar=30 if tty else 0)
+        out.write(f"\r{line}\x1b[K" if tty else f"{line}\n")
+        out.flush()
+
+
+async def copy(args: argparse.Namespace, uri: str, source_id: str,
+               areas: tuple[tuple[int, int], ...] | None, out: TextIO) -> engine.Progress:
+    options = pb.TransferOptions(request_size=args.request_size, max_requests=args.requests,
+                                 connections=args.connections, profile=args.profile)
+    spec = Spec(
+        source_uri=uri,
+        target_path=os.path.abspath(args.target),
+        tuning=tuning_from(options, lambda name: FLAGS[name]),
+        verify=args.verify,
+        changed_areas=areas,
+        dirty_bitmap=args.dirty_bitmap,
+        source_id=source_id,
+        direct=args.direct,
+    )
+    progress = engine.Progress()
+    job = await Job.open(spec, progress)
+    tty = out.isatty()
+    state = {"verifying": False}
+    reporter = asyncio.create_task(_report(job, out, tty, state)) if args.progress else None
+    try:
+        try:
+            await job.copy()
+            if spec.verify:
+                state["verifying"] = True
+                await job.verify()
+            job.finish()
+        except BaseException as group:
+            e = first_error(group)
+            note = await job.abort()
+            if isinstance(e, asyncio.CancelledError):
+                raise errors.Cancelled(f"the copy was interrupted; {note}") from None
+            if isinstance(e, errors.FerryError):
+                raise type(e)(f"{e}; {note}") from e
+            if isinstance(e, OSError):
+                raise errors.OperationFailed(f"{e}; {note}") from e
+            raise
+        finally:
+            if reporter is not None:
+                reporter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reporter
+    finally:
+        await job.close()
+    progress.finished = time.monotonic()
+    if args.progress:
+        summary = (f"copied {_human(progress.planned)} in {progress.elapsed:.1f} s over "
+                   f"{job.connections} connection(s): read {_human(progress.read)}, zeroed "
+                   f"{_human(progress.zeroed)}, skipped {_human(progress.skipped)}")
+        if progress.resumed:
+            summary += f", {_human(progress.resumed)} done by an earlier run"
+        if job.checksum is not None:
+            summary += f"; verified {job.checksum}"
+        out.write(("\r\x1b[K" if tty else "") + summary + "\n")
+    return progress
+
+
+async def _main(args: argparse.Namespace) -> int:
+    # SIGINT and SIGTERM stop the copy the way a cancel does: a target file
+    # this copy created is removed (after SIGKILL it stays, with its journal,
+    # and the same command resumes it).
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, main.cancel)
+    if args.changed_areas and args.dirty_bitmap:
+        raise errors.InvalidInput("--changed-areas and --dirty-bitmap were both given; "
+                                  "pass one of them")
+    areas = read_areas(args.changed_areas) if args.changed_areas else None
+    if is_uri(args.source):
+        await copy(args, args.source, args.source, areas, sys.stderr)
+        return 0
+    path = os.path.abspath(args.source)
+    check_local_source(path)
+    target = os.path.abspath(args.target)
+    if os.path.exists(target) and os.path.samefile(path, target):
+        raise errors.InvalidInput(f"source and target are the same file ({path}); "
+                                  "pass another target")
+    # Before qemu-nbd starts, so these come first and cost nothing.
+    check_target_for(target, bool(args.changed_areas or args.dirty_bitmap))
+    with served(path, args.dirty_bitmap) as uri:
+        await copy(args, uri, f"file:{path}", areas, sys.stderr)
+    return 0
+
+
+def run_copy(args: argparse.Namespace) -> int:
+    """The `ferry copy` command; raises FerryError for the CLI to report."""
+    try:
+        return int(uvloop.run(_main(args)))
+    except asyncio.CancelledError:
+        # Interrupted before the target was opened.
+        raise errors.Cancelled("the copy was interrupted before it started; nothing was "
+                               "written") from None

@@ -1,0 +1,72 @@
+"""The small interface between the copy loop and its endpoints. The engine
+knows only these; a new source (another protocol) or target (another kind of
+storage) is one new module implementing one of them."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from transferd.extents import Extent
+
+
+class Source(Protocol):
+    """A disk to read: its size, which parts hold data, and the data."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def description(self) -> str:
+        """How operators name the source in messages (its URI)."""
+        ...
+
+    @property
+    def inflight(self) -> int:
+        """Requests sent and not yet answered."""
+        ...
+
+    @property
+    def connections(self) -> int:
+        """Connections reads are spread over."""
+        ...
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        """Describes [offset, offset + length) from the start; may stop early
+        but always describes at least one byte."""
+        ...
+
+    async def read_into(self, offset: int, buf: memoryview) -> None:
+        """Fills `buf` with the bytes at `offset`."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class Target(Protocol):
+    """Where the copy lands. Every method may run I/O off the event loop."""
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def reads_as_zero(self) -> bool:
+        """True when unwritten ranges are known to read as zero, so zero
+        extents of the source need no write at all."""
+        ...
+
+    async def write(self, offset: int, data: memoryview) -> None: ...
+
+    async def zero(self, offset: int, length: int) -> None: ...
+
+    async def sync(self) -> None:
+        """Makes the writes so far durable without closing."""
+        ...
+
+    async def finish(self) -> None:
+        """Makes every write durable (fdatasync) and closes."""
+        ...
+
+    async def abort(self) -> str:
+        """Closes after a failure or cancel; removes what this transfer
+        created. Returns a sentence for the operator saying what was done."""
+        ...

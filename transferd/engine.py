@@ -1,0 +1,272 @@
+"""The copy loop: plan extents window by window, keep many reads in flight,
+write each one as it lands. It knows only the Source and Target interfaces."""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from transferd import extents
+from transferd.endpoints import Source, Target
+
+MiB = 1 << 20
+DEFAULT_REQUEST_SIZE = 2 * MiB
+MIN_REQUEST_SIZE = 4096
+MAX_REQUEST_SIZE = 32 * MiB
+DEFAULT_MAX_REQUESTS = 16
+MAX_MAX_REQUESTS = 256
+DEFAULT_MAX_BYTES_IN_FLIGHT = 64 * MiB
+MAX_MAX_BYTES_IN_FLIGHT = 1 << 30
+# How much of the disk one block-status query covers (NBD lengths are 32-bit).
+STATUS_WINDOW = 1 << 30
+# Windows of block status fetched ahead of the reads.
+STATUS_AHEAD = 4
+# Zeroing is split so progress moves and one call never holds a thread long.
+ZERO_STEP = 256 * MiB
+RATE_WINDOW_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class Tuning:
+    request_size: int = DEFAULT_REQUEST_SIZE
+    # Per connection.
+    max_requests: int = DEFAULT_MAX_REQUESTS
+    max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT
+    connections: int = 1
+
+
+@dataclass
+class Progress:
+    """Counters the engine moves; `on_bytes(kind, n)` mirrors them elsewhere
+    (metrics) as they change. `planned` is what this run has to handle (the
+    plan's bytes less what an earlier run finished, `resumed`)."""
+
+    size: int = 0
+    planned: int = 0
+    resumed: int = 0
+    read: int = 0
+    written: int = 0
+    zeroed: int = 0
+    skipped: int = 0
+    inflight: int = 0
+    inflight_bytes: int = 0
+    retries: int = 0
+    verified: int = 0
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+    on_bytes: Callable[[str, int], None] | None = None
+    _samples: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def add(self, kind: str, n: int) -> None:
+        setattr(self, kind, getattr(self, kind) + n)
+        if self.on_bytes is not None:
+            self.on_bytes(kind, n)
+
+    @property
+    def done(self) -> int:
+        return self.read + self.zeroed + self.skipped
+
+    @property
+    def elapsed(self) -> float:
+        return (self.finished or time.monotonic()) - self.started
+
+    def rate(self) -> float:
+        """(read + zeroed + skipped) per second over the last few seconds;
+        each call records a sample, and the oldest sample in the window is the
+        base (the start of the transfer when there is none)."""
+        now = self.finished or time.monotonic()
+        self._samples.append((now, self.done))
+        while len(self._samples) > 1 and now - self._samples[1][0] >= RATE_WINDOW_SECONDS:
+            self._samples.popleft()
+        t0, d0 = self._samples[0]
+        if now - t0 < 0.5:
+            t0, d0 = self.started, 0
+        return (self.done - d0) / (now - t0) if now > t0 else 0.0
+
+    def eta(self, rate: float) -> float:
+        """Seconds left at `rate`; 0 when done or when nothing moves yet."""
+        left = self.planned - self.done
+        return left / rate if rate > 0 and left > 0 else 0.0
+
+
+class _ByteBudget:
+    """Bounds bytes read but not yet written."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._used = 0
+        self._cond = asyncio.Condition()
+
+    async def acquire(self, n: int) -> None:
+        async with self._cond:
+            await self._cond.wait_for(lambda: self._used + n <= self._limit)
+            self._used += n
+
+    async def release(self, n: int) -> None:
+        async with self._cond:
+            self._used -= n
+            self._cond.notify_all()
+
+
+class Buffers:
+    """Read buffers for one or more transfers (a daemon shares one among all
+    its transfers): at most `limit` bytes of buffers exist at once, in use
+    or kept for reuse, so memory stays bounded however many disks copy at
+    once. Freed buffers are reused rather than allocated again."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held = 0
+        self._free: dict[int, list[mmap.mmap]] = {}
+        self._cond = asyncio.Condition()
+
+    @property
+    def held(self) -> int:
+        return self._held
+
+    def _take(self, size: int) -> mmap.mmap | None:
+        free = self._free.get(size)
+        if free:
+            return free.pop()
+        if self._held + size > self.limit:
+            # Make room by dropping kept buffers of other sizes.
+            for other in self._free.values():
+                while other and self._held + size > self.limit:
+                    self._held -= len(other.pop())
+        if self._held + size > self.limit:
+            return None
+        self._held += size
+        # Anonymous mappings are page aligned (O_DIRECT writes need that) and
+        # go back to the system as soon as they are dropped.
+        return mmap.mmap(-1, size)
+
+    async def get(self, size: int) -> mmap.mmap:
+        async with self._cond:
+            while (buf := self._take(size)) is None:
+                await self._cond.wait()
+            return buf
+
+    async def put(self, buf: mmap.mmap) -> None:
+        """Gives back a buffer for reuse."""
+        async with self._cond:
+            self._free.setdefault(len(buf), []).append(buf)
+            self._cond.notify_all()
+
+    async def discard(self, buf: mmap.mmap) -> None:
+        """Gives back a buffer that must not be reused (it may still be
+        written into); its room is freed once this reference is gone."""
+        async with self._cond:
+            self._held -= len(buf)
+            self._cond.notify_all()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to copy. `areas` None is the whole disk, guided by allocation (a
+    zero extent is skipped on a target that reads as zero); a list is the
+    changed areas of an incremental copy, where every zero extent is zeroed
+    because the target holds an older copy. `done` is left out (a resume)."""
+
+    areas: tuple[tuple[int, int], ...] | None = None
+    done: tuple[tuple[int, int], ...] = ()
+
+    def covered(self, size: int) -> list[tuple[int, int]]:
+        return list(self.areas) if self.areas is not None else ([(0, size)] if size else [])
+
+    def remaining(self, size: int) -> int:
+        """Bytes this plan leaves to do."""
+        steps = [extents.Step(o, n, extents.Action.READ) for o, n in self.covered(size)]
+        return sum(s.length for s in extents.subtract(steps, self.done))
+
+
+async def _planned_steps(
+    source: Source, target: Target, plan: Plan, out: asyncio.Queue[list[extents.Step] | None]
+) -> None:
+    """Fetches block status window by window ahead of the reads and queues
+    each window's steps; None marks the end."""
+    for area_offset, area_length in plan.covered(source.size):
+        offset, end = area_offset, area_offset + area_length
+        while offset < end:
+            window = await source.extents(offset, min(STATUS_WINDOW, end - offset))
+            if plan.areas is None:
+                steps = extents.plan(window, target.reads_as_zero)
+            else:
+                steps = extents.changed_plan(window)
+            await out.put(extents.subtract(steps, plan.done))
+            offset = window[-1].end
+    await out.put(None)
+
+
+async def copy(
+    source: Source, target: Target, tuning: Tuning, progress: Progress,
+    plan: Plan = Plan(), on_done: Callable[[int, int], None] | None = None,
+    buffers: Buffers | None = None,
+) -> None:
+    """Copies what `plan` covers from the source onto the target and makes it
+    durable. `on_done(offset, length)` is told of every range written or
+    zeroed (the journal). `buffers` may be shared with other transfers (by
+    default the transfer has its own, as large as its bytes in flight).
+    Raises the first failure; the caller decides what happens to the target."""
+    progress.size = source.size
+    progress.planned = plan.remaining(source.size)
+    slots = asyncio.Semaphore(tuning.max_requests * max(1, source.connections))
+    budget = _ByteBudget(tuning.max_bytes_in_flight)
+    pool = buffers or Buffers(max(tuning.max_bytes_in_flight, tuning.request_size))
+    ahead: asyncio.Queue[list[extents.Step] | None] = asyncio.Queue(STATUS_AHEAD)
+
+    def finished(offset: int, length: int) -> None:
+        if on_done is not None:
+            on_done(offset, length)
+
+    async def read_write(offset: int, length: int, buf: mmap.mmap) -> None:
+        view = memoryview(buf)[:length]
+        reusable = False
+        try:
+            progress.inflight += 1
+            try:
+                await source.read_into(offset, view)
+            finally:
+                progress.inflight -= 1
+            progress.add("read", length)
+            await target.write(offset, view)
+            progress.add("written", length)
+            finished(offset, length)
+            reusable = True
+        finally:
+            slots.release()
+            progress.inflight_bytes -= length
+            # A buffer whose read failed or was cancelled may still be filled
+            # later by libnbd or a write thread: it is dropped, never reused.
+            await (pool.put(buf) if reusable else pool.discard(buf))
+            await budget.release(length)
+
+    async def zero(offset: int, length: int) -> None:
+        try:
+            for off, n in extents.split(offset, length, ZERO_STEP):
+                await target.zero(off, n)
+                progress.add("zeroed", n)
+                finished(off, n)
+        finally:
+            slots.release()
+
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(_planned_steps(source, target, plan, ahead))
+        while (steps := await ahead.get()) is not None:
+            for step in steps:
+                if step.action is extents.Action.SKIP:
+                    progress.add("skipped", step.length)
+                elif step.action is extents.Action.ZERO:
+                    await slots.acquire()
+                    tg.create_task(zero(step.offset, step.length))
+                else:
+                    for off, n in extents.split(step.offset, step.length, tuning.request_size):
+                        await slots.acquire()
+                        await budget.acquire(n)
+                        buf = await pool.get(tuning.request_size)
+                        progress.inflight_bytes += n
+                        tg.create_task(read_write(off, n, buf))
+    await target.finish()

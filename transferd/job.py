@@ -1,0 +1,330 @@
+"""One transfer from start to end, shared by the gRPC service and `ferry copy`:
+check the request, connect to the source, work out the plan (whole disk,
+changed areas or dirty bitmap, less what a journal says is done), open the
+target, copy with journal checkpoints, verify when asked."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ferry import errors
+from ferry.v1 import transfer_pb2 as pb
+from transferd import checksum, engine, extents, journal
+from transferd.sources.nbd import NbdSource, check_uri
+from transferd.targets import check_target, is_block_device, open_target
+from transferd.targets.local import LocalTarget
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+MAX_CONNECTIONS = 16
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Defaults for one kind of source, and the largest request it takes."""
+
+    request_size: int
+    max_requests: int
+    connections: int
+    max_request_size: int
+    max_connections: int
+
+
+PROFILES = {
+    # Two connections where the server allows multi-conn: the server sends
+    # replies on both at once (measured faster than one on nbdkit; see bench/).
+    "default": Profile(engine.DEFAULT_REQUEST_SIZE, engine.DEFAULT_MAX_REQUESTS, 2,
+                       engine.MAX_REQUEST_SIZE, MAX_CONNECTIONS),
+    # nbdkit's VDDK plugin: one connection per disk, requests of at most 2 MiB.
+    "vddk": Profile(2 * MiB, engine.DEFAULT_MAX_REQUESTS, 1, 2 * MiB, 1),
+}
+
+
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def option_name(name: str) -> str:
+    return f"options.{name}"
+
+
+def tuning_from(options: pb.TransferOptions,
+                flag: Callable[[str], str] = option_name) -> engine.Tuning:
+    """Fills the profile's defaults into the options and refuses values out
+    of range, each with the accepted range in the message. `flag` names an
+    option as the caller's user knows it (a proto field, a CLI flag)."""
+    profile_name = options.profile or "default"
+    profile = PROFILES.get(profile_name)
+    if profile is None:
+        raise errors.InvalidInput(
+            f"{flag('profile')} {options.profile!r} is unknown; pass one of "
+            f"{', '.join(sorted(PROFILES))}"
+        )
+    request_size = options.request_size or profile.request_size
+    if not (engine.MIN_REQUEST_SIZE <= request_size <= profile.max_request_size
+            and _power_of_two(request_size)):
+        raise errors.InvalidInput(
+            f"{flag('request_size')} {request_size} is not a power of two between "
+            f"{engine.MIN_REQUEST_SIZE} (4 KiB) and {profile.max_request_size} "
+            f"({profile.max_request_size // MiB} MiB, profile {profile_name}); "
+            "pass e.g. 2097152, or 0 for the default"
+        )
+    max_requests = options.max_requests or profile.max_requests
+    if max_requests > engine.MAX_MAX_REQUESTS:
+        raise errors.InvalidInput(
+            f"{flag('max_requests')} {max_requests} is above {engine.MAX_MAX_REQUESTS}; "
+            f"pass 1..256, or 0 for the default ({profile.max_requests})"
+        )
+    in_flight = options.max_bytes_in_flight or max(
+        engine.DEFAULT_MAX_BYTES_IN_FLIGHT, request_size
+    )
+    if not request_size <= in_flight <= engine.MAX_MAX_BYTES_IN_FLIGHT:
+        raise errors.InvalidInput(
+            f"{flag('max_bytes_in_flight')} {in_flight} must be between the request size "
+            f"({request_size}) and {engine.MAX_MAX_BYTES_IN_FLIGHT} (1 GiB); pass 0 for "
+            "the default (64 MiB)"
+        )
+    connections = options.connections or profile.connections
+    if connections > profile.max_connections:
+        raise errors.InvalidInput(
+            f"{flag('connections')} {connections} is above {profile.max_connections} "
+            f"(profile {profile_name}); pass 1..{profile.max_connections}, or 0 for the default"
+        )
+    return engine.Tuning(request_size, max_requests, in_flight, connections)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What to copy where. `source_id` names the source in the journal (the
+    URI unless the URI changes between runs, as a temporary socket does)."""
+
+    source_uri: str
+    target_path: str
+    tuning: engine.Tuning
+    verify: bool = False
+    changed_areas: tuple[tuple[int, int], ...] | None = None
+    dirty_bitmap: str = ""
+    source_id: str = ""
+    direct: bool = False
+
+    @property
+    def incremental(self) -> bool:
+        return self.changed_areas is not None or bool(self.dirty_bitmap)
+
+    def plan_key(self) -> str:
+        if self.dirty_bitmap:
+            return f"dirty-bitmap:{self.dirty_bitmap}"
+        if self.changed_areas is not None:
+            text = "".join(f"{o} {n}\n" for o, n in self.changed_areas)
+            return "changed-areas:" + hashlib.sha256(text.encode()).hexdigest()
+        return "full"
+
+
+def check_spec(spec: Spec) -> None:
+    """Everything that can be refused before the source is contacted."""
+    check_uri(spec.source_uri)
+    if spec.changed_areas is not None and spec.dirty_bitmap:
+        raise errors.InvalidInput(
+            "changed areas and a dirty bitmap were both given; pass one of them"
+        )
+    check_target_for(spec.target_path, spec.incremental)
+
+
+def check_target_for(path: str, incremental: bool) -> None:
+    """Refuses a target that cannot work, and an incremental copy onto a
+    target that holds no earlier copy."""
+    check_target(path)
+    if incremental and not os.path.exists(path):
+        raise errors.FailedPrecondition(
+            f"target {path} does not exist; an incremental copy (changed areas "
+            "or dirty bitmap) applies on top of an earlier full copy, so copy the whole "
+            "disk first"
+        )
+
+
+def _journal_dir() -> str:
+    base = os.environ.get("FERRY_STATE_DIR") or os.path.join(
+        os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "ferry"
+    )
+    return os.path.join(base, "transferd-journals")
+
+
+def first_error(e: BaseException) -> BaseException:
+    """The engine's TaskGroup raises a group; the first leaf is the cause."""
+    while isinstance(e, BaseExceptionGroup):
+        e = e.exceptions[0]
+    return e
+
+
+class VerifyFailed(errors.OperationFailed):
+    """Source and target checksums differ after a copy."""
+
+
+class Job:
+    def __init__(self, spec: Spec, source: NbdSource, target: LocalTarget,
+                 plan: engine.Plan, journal_: journal.Journal,
+                 progress: engine.Progress) -> None:
+        self.buffers: engine.Buffers | None = None  # shared ones, set by a daemon
+        self.spec = spec
+        self.source = source
+        self.target = target
+        self.plan = plan
+        self.journal = journal_
+        self.progress = progress
+        self.checksum: checksum.Checksum | None = None
+
+    @classmethod
+    async def open(cls, spec: Spec, progress: engine.Progress,
+                   on_retry: Callable[[], None] | None = None) -> Job:
+        """Validates and opens everything; creates the target last, so a
+        refused request leaves nothing behind."""
+        check_spec(spec)
+        source = await NbdSource.open(spec.source_uri, spec.tuning.connections,
+                                      spec.dirty_bitmap, on_retry=on_retry)
+        try:
+            return await cls._open_with(spec, source, progress)
+        except BaseException:
+            await source.close()
+            raise
+
+    @classmethod
+    async def _open_with(cls, spec: Spec, source: NbdSource,
+                         progress: engine.Progress) -> Job:
+        limit = source.max_request
+        if limit and spec.tuning.request_size > limit:
+            raise errors.InvalidInput(
+                f"request size {spec.tuning.request_size} is above what source "
+                f"{spec.source_uri} accepts ({limit}); pass at most {limit}"
+            )
+        size = source.size
+        areas: tuple[tuple[int, int], ...] | None = None
+        if spec.changed_areas is not None:
+            try:
+                areas = tuple(extents.normalize_areas(spec.changed_areas, size))
+            except ValueError as e:
+                raise errors.InvalidInput(
+                    f"changed areas do not fit source {spec.source_uri}: {e}; the list "
+                    "was made for another disk or snapshot"
+                ) from e
+        elif spec.dirty_bitmap:
+            areas = tuple(await source.dirty_areas(spec.dirty_bitmap, engine.STATUS_WINDOW))
+        path = spec.target_path
+        identity = journal.Identity(spec.source_id or spec.source_uri, size, spec.plan_key())
+        jpath = journal.journal_path(path, _journal_dir() if is_block_device(path) else "")
+        loaded = journal.load(jpath, identity) if os.path.exists(path) else None
+        done, created_before = loaded if loaded is not None else ([], False)
+        target = open_target(path, size, created_before, spec.direct)
+        try:
+            if is_block_device(path):
+                os.makedirs(os.path.dirname(jpath), exist_ok=True)
+            jnl = journal.Journal.create(jpath, identity, target.created, done)
+        except OSError as e:
+            log.warning("cannot write the transfer journal %s (%s): the transfer of %s "
+                        "cannot resume if transferd stops; make the directory writable",
+                        jpath, e.strerror, path)
+            jnl = journal.Journal.disabled(jpath)
+        plan = engine.Plan(areas, tuple(done))
+        whole = engine.Plan(areas).remaining(size)
+        progress.size = size
+        progress.planned = plan.remaining(size)
+        progress.resumed = whole - progress.planned
+        return cls(spec, source, target, plan, jnl, progress)
+
+    @property
+    def connections(self) -> int:
+        return self.source.connections
+
+    async def _checkpoint(self) -> None:
+        ranges = self.journal.take()
+        if ranges:
+            await self.target.sync()
+            await asyncio.get_running_loop().run_in_executor(None, self.journal.commit, ranges)
+
+    async def _checkpoints(self) -> None:
+        while True:
+            await asyncio.sleep(journal.CHECKPOINT_SECONDS)
+            await self._checkpoint()
+
+    async def run(self) -> None:
+        """Copies, then verifies when asked. Raises on failure; `abort` then
+        cleans up."""
+        await self.copy()
+        if self.spec.verify:
+            await self.verify()
+        self.finish()
+
+    async def copy(self) -> None:
+        """Copies the plan onto the target and flushes it, journaling
+        completed ranges as it goes."""
+        checkpoints = asyncio.create_task(self._checkpoints())
+        try:
+            await engine.copy(self.source, self.target, self.spec.tuning, self.progress,
+                              self.plan, on_done=self.journal.record, buffers=self.buffers)
+        except BaseException:
+            checkpoints.cancel()
+            # What was written before the failure stays journaled for a resume.
+            with contextlib.suppress(Exception):
+                await self._checkpoint()
+            raise
+        finally:
+            checkpoints.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await checkpoints
+
+    def finish(self) -> None:
+        """The transfer is complete: its journal has no more use."""
+        self.journal.remove()
+
+    async def verify(self) -> None:
+        """Hashes source and target at once and compares. Progress counts
+        what both sides have hashed."""
+        done = [0, 0]  # source, target
+        lock = threading.Lock()  # the target side counts from hashing threads
+
+        def counter(side: int) -> Callable[[int], None]:
+            def count(n: int) -> None:
+                with lock:
+                    done[side] += n
+                    self.progress.verified = min(done)
+            return count
+
+        loop = asyncio.get_running_loop()
+        size = self.source.size
+        src, dst = await asyncio.gather(
+            checksum.source_checksum(self.source, self.spec.tuning.request_size, counter(0)),
+            loop.run_in_executor(None, checksum.path_checksum, self.spec.target_path, size,
+                                 counter(1)),
+        )
+        if src != dst:
+            self.journal.remove()
+            raise VerifyFailed(
+                f"verification failed: source {self.spec.source_uri} has checksum {src} "
+                f"but target {self.spec.target_path} has {dst}; the target is not a "
+                "faithful copy, do not use it and run the transfer again"
+            )
+        self.checksum = src
+
+    async def abort(self) -> str:
+        """After a failure or cancel: closes the target (removing a file this
+        transfer created, with its journal) and says what was done."""
+        note = await self.target.abort()
+        if self.target.created:
+            self.journal.remove()
+            return note
+        self.journal.close()
+        if self.journal.enabled and os.path.exists(self.journal.path):
+            note += (f"; the journal {self.journal.path} was kept, so the same transfer "
+                     "started again resumes")
+        return note
+
+    async def close(self) -> None:
+        self.journal.close()
+        await self.source.close()

@@ -1,0 +1,154 @@
+"""A journal of completed ranges, kept beside the target, so a transfer that
+starts again after transferd died (SIGKILL, a node lost) copies only what was
+not done.
+
+The first line says what the journal is about (source, size, plan, whether
+the transfer created the target file); each later line is one completed
+range, "OFFSET LENGTH". Ranges are appended only after the target was flushed
+(fdatasync), so a range in the journal is on disk even after a power loss. A
+torn last line (the process died while writing it) is ignored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from transferd.extents import normalize_areas
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".ferry-journal"
+VERSION = 1
+# Completed ranges are made durable and journaled this often.
+CHECKPOINT_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What must match for a journal to apply: the same source (as the caller
+    names it, e.g. its URI), size and plan."""
+
+    source: str
+    size: int
+    plan: str
+
+
+def journal_path(target_path: str, journal_dir: str) -> str:
+    """Beside a file target; in `journal_dir` for a block device, whose
+    directory (/dev) is no place for files."""
+    if not journal_dir:
+        return target_path + SUFFIX
+    name = target_path.strip("/").replace("/", "_")
+    return os.path.join(journal_dir, name + SUFFIX)
+
+
+def load(path: str, identity: Identity) -> tuple[list[tuple[int, int]], bool] | None:
+    """The completed ranges and whether the transfer created the target, or
+    None when there is no journal for this identity (a journal about another
+    source, size or plan is ignored and later replaced)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except FileNotFoundError:
+        return None
+    try:
+        header = json.loads(lines[0])
+    except ValueError:
+        log.warning("journal %s is unreadable; starting the transfer over", path)
+        return None
+    if header.get("version") != VERSION or Identity(
+        header.get("source", ""), header.get("size", -1), header.get("plan", "")
+    ) != identity:
+        log.warning("journal %s is about another transfer (%s); starting over", path, header)
+        return None
+    done: list[tuple[int, int]] = []
+    # The last element follows the last newline: empty, or a torn line.
+    for line in lines[1:-1]:
+        fields = line.split()
+        if len(fields) != 2 or not all(x.isdigit() for x in fields):
+            log.warning("journal %s has a malformed line %r; starting over", path, line)
+            return None
+        done.append((int(fields[0]), int(fields[1])))
+    try:
+        return normalize_areas(done, identity.size), bool(header.get("created"))
+    except ValueError:
+        log.warning("journal %s lists ranges outside the disk; starting over", path)
+        return None
+
+
+class Journal:
+    """The open journal of one running transfer. `record` notes a range as
+    written; `take` + `commit` make the noted ranges durable in the journal
+    (after the caller has flushed the target)."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self._fd = fd
+        self.enabled = fd >= 0
+        self._pending: list[tuple[int, int]] = []
+
+    @classmethod
+    def disabled(cls, path: str) -> Journal:
+        """A journal that records nothing, for when `path` cannot be
+        written: the transfer runs, it just cannot resume."""
+        return cls(path, -1)
+
+    @classmethod
+    def create(cls, path: str, identity: Identity, created: bool,
+               done: Sequence[tuple[int, int]]) -> Journal:
+        """Writes a fresh journal (header plus the ranges already done, merged)
+        and replaces any older one atomically."""
+        tmp = path + ".tmp"
+        header = json.dumps({"version": VERSION, **asdict(identity), "created": created})
+        body = "".join(f"{o} {n}\n" for o, n in done)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, f"{header}\n{body}".encode())
+            os.fsync(fd)
+            os.rename(tmp, path)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        return cls(path, fd)
+
+    def record(self, offset: int, length: int) -> None:
+        if self.enabled:
+            self._pending.append((offset, length))
+
+    def take(self) -> list[tuple[int, int]]:
+        """The ranges recorded since the last take, merged."""
+        pending, self._pending = self._pending, []
+        pending.sort()
+        merged: list[tuple[int, int]] = []
+        for o, n in pending:
+            if merged and merged[-1][0] + merged[-1][1] == o:
+                merged[-1] = (merged[-1][0], merged[-1][1] + n)
+            else:
+                merged.append((o, n))
+        return merged
+
+    def commit(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Appends ranges that are already durable on the target."""
+        if ranges:
+            os.write(self._fd, "".join(f"{o} {n}\n" for o, n in ranges).encode())
+            os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def remove(self) -> None:
+        if not self.enabled:
+            return
+        self.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)

@@ -1,0 +1,1 @@
+"""Sources a transfer reads from (one module per protocol)."""

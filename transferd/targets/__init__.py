@@ -1,0 +1,65 @@
+"""Targets a transfer writes to: a regular file or a block device.
+
+`check_target` runs before the source is contacted and creates nothing;
+`open_target` runs once the source size is known and picks the module by what
+the path is.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from ferry import errors
+from transferd.targets.block import BlockTarget
+from transferd.targets.file import FileTarget
+from transferd.targets.local import LocalTarget
+
+
+def check_target(path: str) -> None:
+    """Refuses a target path that cannot work, before anything is created."""
+    if not path:
+        raise errors.InvalidInput("target_path is empty; pass the file or block device to write")
+    if not os.path.isabs(path):
+        raise errors.InvalidInput(f"target {path!r} is not an absolute path; pass a full path")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        parent = os.path.dirname(path)
+        if not os.path.isdir(parent):
+            raise errors.NotFound(
+                f"target directory {parent} does not exist; create it or fix target_path "
+                f"{path!r}"
+            ) from None
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise errors.FailedPrecondition(
+                f"target directory {parent} is not writable by transferd; fix its "
+                "permissions or choose another target_path"
+            ) from None
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise errors.InvalidInput(
+            f"target {path} is a directory; pass a file name inside it or a block device"
+        )
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise errors.InvalidInput(
+            f"target {path} is neither a regular file nor a block device; pass one of those"
+        )
+
+
+def is_block_device(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def open_target(path: str, size: int, created_before: bool = False,
+                direct: bool = False) -> LocalTarget:
+    """Opens (or creates) the target for a source of `size` bytes;
+    `created_before` says an earlier run of this transfer created the file;
+    `direct` writes with O_DIRECT."""
+    check_target(path)
+    if is_block_device(path):
+        return BlockTarget.open(path, size, direct)
+    return FileTarget.open(path, size, created_before, direct)

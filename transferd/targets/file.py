@@ -1,0 +1,86 @@
+"""A regular file target, sized to the source with ftruncate so the source's
+holes stay holes."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+
+from ferry import errors
+from transferd.targets.local import LocalTarget, fallocate, open_direct, write_zeros
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
+class FileTarget(LocalTarget):
+    """A file this transfer creates reads as zero everywhere, so zero extents
+    are skipped. An existing file is overwritten in place: it is resized, and
+    zero extents are punched out (written as zeros where the filesystem cannot
+    punch holes)."""
+
+    kind = "file"
+
+    def __init__(self, path: str, fd: int, created: bool, direct_fd: int = -1) -> None:
+        super().__init__(path, fd, reads_as_zero=created, direct_fd=direct_fd)
+        self._created = created
+
+    @property
+    def created(self) -> bool:
+        return self._created
+
+    @classmethod
+    def open(cls, path: str, size: int, created_before: bool = False,
+             direct: bool = False) -> FileTarget:
+        """`created_before`: an earlier run of this transfer created the file
+        (a resume): its unwritten ranges are still holes, and it is removed
+        like a created file if this run is cancelled."""
+        created = False
+        try:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                created = True
+            except FileExistsError:
+                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise errors.FailedPrecondition(
+                f"cannot open target file {path}: {e.strerror}; fix its permissions or "
+                "choose another target_path"
+            ) from e
+        try:
+            os.ftruncate(fd, size)
+            direct_fd = open_direct(path, cls.kind) if direct else -1
+        except BaseException as e:
+            os.close(fd)
+            if created:
+                os.unlink(path)
+            if isinstance(e, OSError):
+                raise errors.FailedPrecondition(
+                    f"cannot size target file {path} to {size} bytes: {e.strerror}; free "
+                    "space or choose another filesystem"
+                ) from e
+            raise
+        return cls(path, fd, created or created_before, direct_fd)
+
+    def _zero(self, offset: int, length: int) -> None:
+        """Punch a hole (the range stops taking space), else zero the range
+        in place, else write zeros: the cheapest the filesystem offers."""
+        for mode in (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                     FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE):
+            try:
+                fallocate(self._fd, mode, offset, length)
+                return
+            except OSError as e:
+                if e.errno not in UNSUPPORTED:
+                    raise
+        write_zeros(self._fd, offset, length)
+
+    def _after_abort(self) -> str:
+        if not self._created:
+            return super()._after_abort()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path)
+        return f"the target file {self._path}, created by this transfer, was removed"
