@@ -15,10 +15,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,10 +27,12 @@ from controlplane import plans
 from controlplane.migration import TERMINAL, TRANSFER_DONE
 from controlplane.providers import disk_images
 from ferry import errors
-from ferry.rpc import error_from_rpc
+from ferry.cli import DIE_WITH_PARENT_ENV
+from ferry.rpc import check_address, error_from_rpc
 from ferry.v1 import controlplane_pb2, controlplane_pb2_grpc
 
 M = controlplane_pb2.MigrationState
+T = TypeVar("T")
 SERVICE_START_TIMEOUT = 120.0
 SERVICE_STOP_TIMEOUT = 60.0
 PLAIN_PROGRESS_EVERY = 5.0
@@ -39,22 +41,39 @@ MIB = 1024 * 1024
 
 def parse_source(value: str) -> list[str]:
     kind, _, rest = value.partition(":")
-    paths = [p for p in rest.split(",") if p]
-    if kind != "disk" or not paths:
+    paths = [p.strip() for p in rest.split(",") if p.strip()]
+    if kind.strip() != "disk" or not paths:
         raise errors.InvalidInput(
             f"--source {value!r} is not understood; write disk:PATH[,PATH...], "
             "e.g. --source disk:/vms/web.vmdk"
         )
-    return [os.path.abspath(p) for p in paths]
+    return [os.path.abspath(os.path.expanduser(p)) for p in paths]
 
 
 def parse_target(value: str) -> str:
     kind, _, rest = value.partition(":")
-    if kind != "local" or not rest:
+    rest = rest.strip()
+    if kind.strip() != "local" or not rest:
         raise errors.InvalidInput(
             f"--target {value!r} is not understood; write local:DIR, e.g. --target local:/srv/vms"
         )
-    return os.path.abspath(rest)
+    return os.path.abspath(os.path.expanduser(rest))
+
+
+def check_state_dir(state_dir: str) -> None:
+    """--state-dir is checked before any service starts, so a wrong one is
+    one line and exit 2, not a control plane that dies at start-up."""
+    if not state_dir:
+        return
+    p = Path(state_dir)
+    if p.exists() and not p.is_dir():
+        raise errors.InvalidInput(
+            f"--state-dir {state_dir} is not a directory; pass a directory"
+        )
+    if p.is_dir() and not os.access(state_dir, os.W_OK | os.X_OK):
+        raise errors.InvalidInput(
+            f"--state-dir {state_dir} is not writable; fix its permissions or pass another"
+        )
 
 
 def build_plan(
@@ -94,6 +113,65 @@ def check_plan(plan: controlplane_pb2.Plan) -> list[str]:
             "the migration cannot start:\n  " + "\n  ".join(blockers)
         )
     return [c.message for c in prepared.conditions if c.category == plans.WARNING]
+
+
+# Signals
+
+# SIGTERM (kill, systemd) and SIGHUP (closed terminal) mean what Ctrl-C means:
+# cancel the migration, stop the services, clean up.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    old = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _raise_interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    sigs = (signal.SIGINT, *STOP_SIGNALS)
+    old = {sig: signal.getsignal(sig) for sig in sigs}
+    for sig in sigs:
+        signal.signal(sig, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+async def _cancelled_by_signals(coro: Awaitable[T]) -> T:
+    """Runs `coro` with SIGTERM/SIGHUP cancelling it, as asyncio.run does
+    for SIGINT, so its cleanup (CancelMigration) runs."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        return await coro
+    finally:
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, _raise_interrupt)
+
+
+def _run_async(coro: Awaitable[T]) -> T:
+    try:
+        return asyncio.run(_cancelled_by_signals(coro))
+    except asyncio.CancelledError:
+        raise KeyboardInterrupt from None
 
 
 # Services as subprocesses
@@ -140,7 +218,10 @@ class LocalServices:
                     stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                     # Own session: Ctrl-C reaches ferry migrate only, which
                     # cancels the migration and then stops the services in order.
+                    # If ferry migrate dies anyway (kill -9), the kernel sends
+                    # the services SIGTERM (see ferry.cli).
                     start_new_session=True,
+                    env={**os.environ, DIE_WITH_PARENT_ENV: str(os.getpid())},
                 )
         for name in commands:
             self._wait_serving(name)
@@ -174,6 +255,12 @@ class LocalServices:
         return "\n".join(text.strip().splitlines()[-lines:])
 
     def stop(self) -> None:
+        """Uninterruptible: a second Ctrl-C or a SIGTERM while the services
+        stop would otherwise leave them (and the work directory) behind."""
+        with _signals_ignored():
+            self._stop()
+
+    def _stop(self) -> None:
         for name in ("controlplane", "transferd", "converter"):
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:
@@ -190,8 +277,7 @@ class LocalServices:
 def local_services(
     state_dir: str, log_level: str, with_converter: bool = True
 ) -> Iterator[LocalServices]:
-    # Short path: Unix socket names are limited to 108 bytes.
-    workdir = tempfile.mkdtemp(prefix="ferry-")
+    workdir = _short_workdir()
     services = LocalServices(
         workdir=workdir,
         state_dir=state_dir or os.path.join(workdir, "state"),
@@ -202,8 +288,28 @@ def local_services(
         services.start()
         yield services
     finally:
-        services.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        with _signals_ignored():
+            services.stop()
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+# Unix socket paths are limited to 107 bytes; "/controlplane.sock" is the longest name.
+MAX_WORKDIR = 107 - len("/controlplane.sock") - len("ferry-XXXXXXXX/")
+
+
+def _short_workdir() -> str:
+    """A private directory for the sockets and logs: under $TMPDIR when its
+    path is short enough for Unix socket names, else under /tmp."""
+    base = tempfile.gettempdir()
+    if len(base) > MAX_WORKDIR:
+        base = "/tmp"
+    try:
+        return tempfile.mkdtemp(prefix="ferry-", dir=base)
+    except OSError as e:
+        raise errors.FailedPrecondition(
+            f"cannot create a work directory in {base}: {e.strerror}; "
+            "set TMPDIR to a short writable directory"
+        ) from e
 
 
 # Progress
@@ -301,23 +407,57 @@ def summary(migration: controlplane_pb2.Migration) -> list[str]:
     return out
 
 
+async def _create_and_start(
+    stub: controlplane_pb2_grpc.ControlPlaneStub, plan: controlplane_pb2.Plan
+) -> tuple[controlplane_pb2.Plan, controlplane_pb2.Migration]:
+    created = await stub.CreatePlan(controlplane_pb2.CreatePlanRequest(plan=plan))
+    migration = await stub.StartMigration(
+        controlplane_pb2.StartMigrationRequest(plan_id=created.id)
+    )
+    return created, migration
+
+
+async def _cancel_once_started(
+    stub: controlplane_pb2_grpc.ControlPlaneStub,
+    starting: asyncio.Future[tuple[controlplane_pb2.Plan, controlplane_pb2.Migration]],
+    out: TextIO,
+) -> None:
+    """Interrupted during CreatePlan/StartMigration: the control plane may
+    already run the migration, so wait for the answer and cancel it."""
+    try:
+        _, migration = await asyncio.wait_for(starting, timeout=SERVICE_STOP_TIMEOUT)
+        print("cancelling the migration...", file=out, flush=True)
+        final = await stub.CancelMigration(
+            controlplane_pb2.CancelMigrationRequest(migration_id=migration.id),
+            timeout=SERVICE_STOP_TIMEOUT,
+        )
+    except (grpc.aio.AioRpcError, TimeoutError):
+        return
+    print(f"migration {_state_word(final.state)}: {final.error}", file=out, flush=True)
+
+
 async def drive_migration(
     controlplane_addr: str,
     plan: controlplane_pb2.Plan,
     out: TextIO,
     tty: bool = False,
+    remote: bool = False,
 ) -> controlplane_pb2.Migration:
     """CreatePlan, StartMigration, WatchMigration to the end with progress on
-    `out`. Cancelling the calling task (Ctrl-C) cancels the migration."""
+    `out`. Cancelling the calling task (Ctrl-C) cancels the migration.
+    `remote`: the address came from --controlplane, so errors name it."""
+    service = f"the control plane at {controlplane_addr}" if remote else "the control plane"
+    hint = "check --controlplane" if remote else ""
     async with grpc.aio.insecure_channel(controlplane_addr) as channel:
         stub = controlplane_pb2_grpc.ControlPlaneStub(channel)
+        starting = asyncio.ensure_future(_create_and_start(stub, plan))
         try:
-            created = await stub.CreatePlan(controlplane_pb2.CreatePlanRequest(plan=plan))
-            migration: controlplane_pb2.Migration = await stub.StartMigration(
-                controlplane_pb2.StartMigrationRequest(plan_id=created.id)
-            )
+            created, migration = await asyncio.shield(starting)
         except grpc.aio.AioRpcError as e:
-            raise error_from_rpc(e, "the control plane") from e
+            raise error_from_rpc(e, service, hint) from e
+        except asyncio.CancelledError:
+            await _cancel_once_started(stub, starting, out)
+            raise
         print(f"migration {migration.id} of plan {created.name} started", file=out)
         view = ProgressView(out, tty)
         migration_id = migration.id
@@ -335,7 +475,7 @@ async def drive_migration(
             print(f"migration {_state_word(final.state)}: {final.error}", file=out, flush=True)
             raise
         except grpc.aio.AioRpcError as e:
-            raise error_from_rpc(e, "the control plane") from e
+            raise error_from_rpc(e, service, hint) from e
         view.finish()
         if migration.state not in TERMINAL:
             raise errors.Unavailable(
@@ -346,23 +486,29 @@ async def drive_migration(
 
 
 def run_migrate(args: argparse.Namespace) -> int:
+    if args.controlplane:
+        check_address(args.controlplane, "--controlplane")
     disks = parse_source(args.source)
     directory = parse_target(args.target)
+    check_state_dir(args.state_dir)
     plan = build_plan(
         disks, directory, args.name, list(args.mac), args.skip_conversion
     )
     for warning in check_plan(plan):
         print(f"ferry: warning: {warning}", file=sys.stderr)
     tty = sys.stdout.isatty()
-    if args.controlplane:
-        migration = asyncio.run(drive_migration(args.controlplane, plan, sys.stdout, tty))
-    else:
-        with local_services(
-            args.state_dir, args.log_level, with_converter=not plan.skip_conversion
-        ) as services:
-            migration = asyncio.run(
-                drive_migration(services.address("controlplane"), plan, sys.stdout, tty)
+    with _signals_interrupt():
+        if args.controlplane:
+            migration = _run_async(
+                drive_migration(args.controlplane, plan, sys.stdout, tty, remote=True)
             )
+        else:
+            with local_services(
+                args.state_dir, args.log_level, with_converter=not plan.skip_conversion
+            ) as services:
+                migration = _run_async(
+                    drive_migration(services.address("controlplane"), plan, sys.stdout, tty)
+                )
     if migration.state != M.MIGRATION_STATE_SUCCEEDED:
         print(
             f"ferry: error: migration {_state_word(migration.state)}: {migration.error}",

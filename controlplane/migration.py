@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -80,6 +81,38 @@ class Services:
     async def close(self) -> None:
         for ch in self._channels:
             await ch.close(None)
+
+
+def _mount_point(path: str) -> str:
+    """The mount point of the file system holding `path` (or its nearest
+    existing parent)."""
+    p = Path(path).resolve()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    dev = p.stat().st_dev
+    while p != p.parent and p.parent.stat().st_dev == dev:
+        p = p.parent
+    return str(p)
+
+
+def no_space_message(written: str, target_dir: str) -> str:
+    where = _mount_point(written or target_dir)
+    return (
+        f"no space left on {where} while writing {written}; free space there or choose "
+        "another --target"
+    )
+
+
+def os_error_message(err: OSError, target_dir: str) -> str:
+    """An operator's message for a file error on the target: what, where and
+    the fix, never "internal error: [Errno 28] ..."."""
+    written = str(err.filename or target_dir)
+    if err.errno == errno.ENOSPC:
+        return no_space_message(written, target_dir)
+    return (
+        f"cannot write {written}: {err.strerror or err}; check the target directory "
+        f"{target_dir} (space, permissions) or choose another --target"
+    )
 
 
 class MigrationRunner:
@@ -166,7 +199,8 @@ class MigrationRunner:
         created_dir = False
         current: controlplane_pb2.PhaseStatus | None = None
         try:
-            created_dir = self.target.prepare(vm.name)
+            self.target.prepare(vm.name)
+            created_dir = True
             status.vm_directory = str(self.target.vm_dir(vm.name))
             for phase in status.phases:
                 current = phase
@@ -188,6 +222,10 @@ class MigrationRunner:
         except errors.FerryError as e:
             self._end_vm(vm, status, current, M.MIGRATION_STATE_FAILED, str(e), created_dir)
             vlog.error("failed: %s", status.error)
+        except OSError as e:
+            message = os_error_message(e, self.plan.local.directory)
+            self._end_vm(vm, status, current, M.MIGRATION_STATE_FAILED, message, created_dir)
+            vlog.error("failed: %s", status.error)
         except Exception as e:
             vlog.exception("unexpected error")
             self._end_vm(
@@ -207,12 +245,9 @@ class MigrationRunner:
             phase.state = state
             phase.message = reason
             phase.finished_at.GetCurrentTime()
-        files = [d.target for d in status.disks] + [
-            f for f in (status.qemu_command_file, status.libvirt_xml_file, status.report_file) if f
-        ]
         removed = ""
-        if state != M.MIGRATION_STATE_SUCCEEDED and (created_dir or phase is not None):
-            removed = self.target.remove(vm.name, created_dir, files)
+        if state != M.MIGRATION_STATE_SUCCEEDED and created_dir:
+            removed = self.target.remove(vm.name)
             status.vm_directory = status.qemu_command_file = ""
             status.libvirt_xml_file = status.report_file = ""
         status.state = state
@@ -284,6 +319,8 @@ class MigrationRunner:
                 if final.state not in TRANSFER_DONE
                 else transfer_pb2.TransferState.Name(final.state)
             )
+            if "No space left on device" in why or "[Errno 28]" in why:
+                why = no_space_message(disk.target, self.plan.local.directory)
             raise errors.OperationFailed(f"copying {disk.name} ({disk.source}) failed: {why}")
 
     @staticmethod

@@ -5,17 +5,22 @@ the fix."""
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from controlplane.providers import disk_images
 from controlplane.targets import local
+from ferry.rpc import shown
 from ferry.v1 import controlplane_pb2
 
 BLOCKING = "Blocking"
 WARNING = "Warning"
 DEFAULT_MEMORY_MIB = 2048
 DEFAULT_CPUS = 2
+MEMORY_MIB_RANGE = (64, 4 << 20)  # 64 MiB .. 4 TiB
+CPUS_RANGE = (1, 512)
 
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -50,6 +55,30 @@ def is_valid_mac(mac: str) -> bool:
     return _MAC.match(mac) is not None
 
 
+def mac_problem(mac: str) -> str | None:
+    """Why a (normalized) MAC cannot be given to a NIC, or None."""
+    if not is_valid_mac(mac):
+        return "is not a MAC address"
+    if mac == "00:00:00:00:00:00":
+        return "is all zeros, which no NIC can have"
+    if mac == "ff:ff:ff:ff:ff:ff":
+        return "is the broadcast address, which no NIC can have"
+    if int(mac[:2], 16) & 1:
+        return "is a multicast address, which no NIC can have"
+    return None
+
+
+def hardware_problem(memory_mib: int, cpus: int) -> tuple[str, str] | None:
+    """(what, why) for memory or CPUs outside what a VM can have."""
+    low, high = MEMORY_MIB_RANGE
+    if memory_mib and not low <= memory_mib <= high:
+        return "memory", f"{memory_mib} MiB of memory is outside {low} MiB..{high >> 20} TiB"
+    low, high = CPUS_RANGE
+    if cpus and not low <= cpus <= high:
+        return "cpus", f"{cpus} CPUs is outside {low}..{high}"
+    return None
+
+
 def complete_plan(plan: controlplane_pb2.Plan) -> list[Problem]:
     """Fills each VM's memory, CPUs, firmware and NICs from the .vmx beside
     its first disk, then from defaults; a VM with no known MAC gets a
@@ -60,9 +89,17 @@ def complete_plan(plan: controlplane_pb2.Plan) -> list[Problem]:
         if vm.disks:
             vmx = disk_images.find_vmx(vm.disks[0])
             descriptor = disk_images.read_vmx(vmx) if vmx else None
-        if descriptor:
-            vm.memory_mib = vm.memory_mib or descriptor.memory_mib
-            vm.cpus = vm.cpus or descriptor.cpus
+        if vmx and descriptor:
+            bad = hardware_problem(descriptor.memory_mib, descriptor.cpus)
+            if bad:
+                key = "memsize" if bad[0] == "memory" else "numvcpus"
+                problems.append(Problem(
+                    vm.name, BLOCKING, "InvalidHardware",
+                    f"VM {vm.name}: {vmx.name} {key}: {bad[1]}; fix {key} in {vmx}",
+                ))
+            else:
+                vm.memory_mib = vm.memory_mib or descriptor.memory_mib
+                vm.cpus = vm.cpus or descriptor.cpus
             vm.firmware = vm.firmware or descriptor.firmware
             if not vm.nics:
                 for found in descriptor.nics:
@@ -122,7 +159,35 @@ def validate_plan(plan: controlplane_pb2.Plan) -> list[Problem]:
     )
     for vm in plan.vms:
         problems.extend(_validate_vm(vm, plan.local.directory if target_ok else None))
+    problems.extend(_duplicates(plan))
     return problems
+
+
+def _duplicates(plan: controlplane_pb2.Plan) -> list[Problem]:
+    """The same disk file (under any name, e.g. a symlink) or the same MAC
+    twice in a plan: two copies of one disk, two NICs that collide."""
+    out: list[Problem] = []
+    disks: dict[str, str] = {}
+    macs: dict[str, str] = {}
+    for vm in plan.vms:
+        for path in vm.disks:
+            real = os.path.realpath(path)
+            if real in disks:
+                same = "" if disks[real] == path else f" (the same file as {disks[real]})"
+                out.append(Problem(
+                    vm.name, BLOCKING, "DuplicateDisk",
+                    f"VM {vm.name}: the disk {path}{same} is given twice; give each disk once",
+                ))
+            disks.setdefault(real, path)
+        for nic in vm.nics:
+            if nic.mac in macs and is_valid_mac(nic.mac):
+                out.append(Problem(
+                    vm.name, BLOCKING, "DuplicateMac",
+                    f"VM {vm.name}: the MAC {nic.mac} is used by two NICs ({macs[nic.mac]} "
+                    "too); give each NIC its own MAC with --mac",
+                ))
+            macs.setdefault(nic.mac, vm.name)
+    return out
 
 
 def _validate_vm(vm: controlplane_pb2.PlanVM, target_dir: str | None) -> list[Problem]:
@@ -143,23 +208,41 @@ def _validate_vm(vm: controlplane_pb2.PlanVM, target_dir: str | None) -> list[Pr
             disk_images.inspect_image(path)
         except disk_images.ImageProblem as e:
             out.append(Problem(vm.name, BLOCKING, e.kind, f"VM {label}: {e}"))
-    if vm.disks:
-        vmx = disk_images.find_vmx(vm.disks[0])
-        if vmx:
-            given = {p.rsplit("/", 1)[-1] for p in vm.disks}
-            for name in disk_images.read_vmx(vmx).disks:
-                if name.rsplit("/", 1)[-1] not in given:
-                    out.append(Problem(
-                        vm.name, WARNING, "DiskNotInPlan",
-                        f"VM {label}: {vmx.name} lists the disk {name}, which is not in the "
-                        "plan; the migrated VM will not have it; add it to the source disks",
-                    ))
+    vmx = disk_images.find_vmx(vm.disks[0]) if vm.disks else None
+    descriptor = disk_images.read_vmx(vmx) if vmx else None
+    stray = Path(vm.disks[0]).with_suffix(".vmx") if vm.disks else None
+    if stray and os.path.lexists(stray) and not stray.is_file():
+        out.append(Problem(
+            vm.name, WARNING, "VmxNotAFile",
+            f"VM {label}: {stray} is not a regular file and was ignored; rename it if it is "
+            "not the VM's descriptor",
+        ))
+    if vmx and descriptor:
+        given = {p.rsplit("/", 1)[-1] for p in vm.disks}
+        for name in descriptor.disks:
+            if name.rsplit("/", 1)[-1] not in given:
+                out.append(Problem(
+                    vm.name, WARNING, "DiskNotInPlan",
+                    f"VM {label}: {vmx.name} lists the disk {name}, which is not in the "
+                    "plan; the migrated VM will not have it; add it to the source disks",
+                ))
+    vmx_nics = descriptor.nics if descriptor else []
     for nic in vm.nics:
-        if not is_valid_mac(nic.mac):
-            out.append(Problem(
-                vm.name, BLOCKING, "InvalidMac",
-                f"VM {label}: {nic.mac!r} is not a MAC address; write it as 00:50:56:aa:bb:cc",
-            ))
+        why = mac_problem(nic.mac)
+        if why is None:
+            continue
+        origin = next((f"{vmx.name} {n.mac_key} " for n in vmx_nics
+                       if vmx and normalize_mac(n.mac) == nic.mac), "")
+        out.append(Problem(
+            vm.name, BLOCKING, "InvalidMac",
+            f"VM {label}: {origin}{shown(nic.mac)!r} {why}; pass the NIC's MAC with "
+            "--mac, written as 00:50:56:aa:bb:cc",
+        ))
+    bad = hardware_problem(vm.memory_mib, vm.cpus)
+    if bad:
+        out.append(Problem(
+            vm.name, BLOCKING, "InvalidHardware", f"VM {label}: {bad[1]}; ask for less"
+        ))
     if vm.firmware not in ("", "bios", "uefi"):
         out.append(Problem(
             vm.name, BLOCKING, "InvalidFirmware",

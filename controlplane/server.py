@@ -57,7 +57,7 @@ async def start(
         await services.close()
         store.close()
         raise
-    log.info("control plane listening on %s (state in %s)", listen, store.path)
+    log.info("control plane serving (state in %s)", store.path)
     return RunningControlPlane(server, port, service, store, services)
 
 

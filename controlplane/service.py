@@ -17,6 +17,7 @@ from controlplane import plans
 from controlplane.migration import TERMINAL, MigrationRunner, Services, new_migration
 from controlplane.store import Store
 from ferry import errors
+from ferry.rpc import check_strings
 from ferry.v1 import controlplane_pb2, controlplane_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):  # type: 
     async def CreatePlan(
         self, request: controlplane_pb2.CreatePlanRequest, context: Context
     ) -> controlplane_pb2.Plan:
+        check_strings(request)
         plan = controlplane_pb2.Plan()
         plan.CopyFrom(request.plan)
         plan.id = uuid.uuid4().hex
@@ -52,6 +54,7 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):  # type: 
     async def GetPlan(
         self, request: controlplane_pb2.GetPlanRequest, context: Context
     ) -> controlplane_pb2.Plan:
+        check_strings(request)
         return self.store.get_plan(request.plan_id)
 
     async def ListPlans(
@@ -64,6 +67,7 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):  # type: 
     async def StartMigration(
         self, request: controlplane_pb2.StartMigrationRequest, context: Context
     ) -> controlplane_pb2.Migration:
+        check_strings(request)
         plan = self.store.get_plan(request.plan_id)
         # Files change between plan and start: validate again.
         fresh = await asyncio.to_thread(plans.prepare_plan, plan)
@@ -108,11 +112,13 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):  # type: 
     async def GetMigration(
         self, request: controlplane_pb2.GetMigrationRequest, context: Context
     ) -> controlplane_pb2.Migration:
+        check_strings(request)
         return self._current(request.migration_id)
 
     async def WatchMigration(
         self, request: controlplane_pb2.WatchMigrationRequest, context: Context
     ) -> AsyncIterator[controlplane_pb2.Migration]:
+        check_strings(request)
         migration_id = request.migration_id
         while True:
             # Take the event before reading, so no change slips in between.
@@ -127,6 +133,7 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):  # type: 
     async def CancelMigration(
         self, request: controlplane_pb2.CancelMigrationRequest, context: Context
     ) -> controlplane_pb2.Migration:
+        check_strings(request)
         entry = self._runners.get(request.migration_id)
         if entry is None:
             # Unknown ids raise NotFound; finished ones are returned as they are.

@@ -4,6 +4,7 @@ protobuf JSON with the fields we query on in their own indexed columns."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -49,6 +50,11 @@ def _to_json(msg: controlplane_pb2.Plan | controlplane_pb2.Migration) -> str:
 
 class Store:
     def __init__(self, state_dir: str) -> None:
+        if Path(state_dir).exists() and not Path(state_dir).is_dir():
+            raise errors.InvalidInput(
+                f"the state directory {state_dir} is not a directory; pass a directory "
+                "as --state-dir"
+            )
         try:
             Path(state_dir).mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -56,11 +62,23 @@ class Store:
                 f"cannot create the state directory {state_dir}: {e.strerror}; "
                 "pass a writable --state-dir"
             ) from e
+        if not os.access(state_dir, os.W_OK | os.X_OK):
+            raise errors.InvalidInput(
+                f"the state directory {state_dir} is not writable; fix its permissions or "
+                "pass another --state-dir"
+            )
         self.path = str(Path(state_dir) / DB_FILE)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._migrate_schema()
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._migrate_schema()
+        except sqlite3.Error as e:
+            self._db.close()
+            raise errors.InvalidInput(
+                f"the store {self.path} cannot be used ({e}); move the file away or pass "
+                "another --state-dir"
+            ) from e
 
     def close(self) -> None:
         self._db.close()

@@ -14,7 +14,7 @@ from converter.report import ReportBuilder
 from ferry import errors
 from ferry.logs import ContextLogger
 
-_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 
 
 @dataclass(frozen=True)
@@ -26,12 +26,15 @@ class TargetNic:
     addresses: tuple[str, ...] = ()
 
 
-def normalise_mac(mac: str, vm: str) -> str:
-    """Lower-case colon form; InvalidInput for anything else."""
+def normalise_mac(mac: str, vm: str, nic: str = "") -> str:
+    """Lower-case colon form; InvalidInput naming `nic` (e.g. "nics[1]")
+    for anything else."""
     m = mac.strip().lower().replace("-", ":")
-    if not _MAC.match(m):
+    if not _MAC.fullmatch(m):
+        shown = repr(mac) if len(mac) <= 40 else f"{mac[:40]!r}… ({len(mac)} characters)"
+        where = f" ({nic})" if nic else ""
         raise errors.InvalidInput(
-            f"VM {vm or '?'}: target NIC MAC {mac!r} is not a MAC address; "
+            f"VM {vm or '?'}: target NIC MAC {shown}{where} is not a MAC address; "
             "pass six hex bytes such as 52:54:00:12:34:56"
         )
     return m

@@ -127,7 +127,7 @@ def inspect_only(disks: list[str]) -> converter_pb2.ConversionReport:
 Step = tuple[str, Callable[[GuestContext], None]]
 
 
-def convert(job: ConvertJob, cancelled: Callable[[], bool] = lambda: False) -> Iterator[Event]:
+def convert(job: ConvertJob) -> Iterator[Event]:
     """Converts the guest on `job.disks` in place. Raises FerryError; after
     the first change the message says the copy is partially converted.
     Callers hold `claim` on the disks."""
@@ -141,7 +141,7 @@ def convert(job: ConvertJob, cancelled: Callable[[], bool] = lambda: False) -> I
     report.timing("launch", launch)
     clog.info("appliance started in %.1f s", launch)
     try:
-        yield from _steps(g, job, vm, report, clog, cancelled)
+        yield from _steps(g, job, vm, report, clog)
     except errors.FerryError as e:
         if report.changed:
             raise type(e)(
@@ -165,7 +165,6 @@ def convert(job: ConvertJob, cancelled: Callable[[], bool] = lambda: False) -> I
 
 def _steps(
     g: Any, job: ConvertJob, vm: str, report: ReportBuilder, clog: Any,
-    cancelled: Callable[[], bool],
 ) -> Iterator[Event]:
     started = time.monotonic()
     info = inspect.inspect_guest(g, vm, job.disks)
@@ -194,8 +193,6 @@ def _steps(
         ("grub", grub.apply),
     ]
     for name, run in steps:
-        if cancelled():
-            raise errors.Cancelled(f"VM {vm}: conversion cancelled before step {name}")
         before = len(report.report.changes)
         t = time.monotonic()
         run(ctx)

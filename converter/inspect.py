@@ -55,22 +55,61 @@ def disk_format(path: str, vm: str) -> str:
         return "raw"
     if not stat.S_ISREG(st.st_mode):
         raise errors.InvalidInput(f"VM {vm}: disk {path} is neither a file nor a block device")
-    proc = subprocess.run(
-        ["qemu-img", "info", "-U", "--output=json", path],
-        capture_output=True, text=True, check=False,
-    )
-    if proc.returncode != 0:
-        raise errors.InvalidInput(
-            f"VM {vm}: cannot read disk {path}: {proc.stderr.strip()}"
-        )
-    fmt = str(json.loads(proc.stdout).get("format", ""))
+    info = _image_info(path, vm, path)
+    fmt = str(info.get("format", ""))
     if fmt not in TARGET_FORMATS:
         raise errors.InvalidInput(
             f"VM {vm}: disk {path} is {fmt}, not a target copy (raw or qcow2); the "
             "converter never changes a source disk: copy it first (transferd, or "
             f"`qemu-img convert -O raw {os.path.basename(path)} copy.raw`) and convert the copy"
         )
+    _check_backing_chain(path, info, vm)
     return fmt
+
+
+def _image_info(image: str, vm: str, disk: str) -> dict[str, Any]:
+    """`qemu-img info` of one image (never opening its backing file)."""
+    proc = subprocess.run(
+        ["qemu-img", "info", "-U", "--output=json", image],
+        capture_output=True, text=True, check=False,
+    )
+    if proc.returncode != 0:
+        what = f"disk {disk}" if image == disk else f"disk {disk}'s backing file {image}"
+        raise errors.InvalidInput(f"VM {vm}: cannot read {what}: {proc.stderr.strip()}")
+    info: dict[str, Any] = json.loads(proc.stdout)
+    return info
+
+
+def backing_file(image: str, info: dict[str, Any]) -> str | None:
+    """The local backing file of `image` from its `qemu-img info` JSON (a
+    relative name is relative to the image's directory), None when it has
+    none or it is not a plain file (json:, nbd://, …)."""
+    name = str(info.get("backing-filename") or "")
+    if not name or name.startswith("json:") or "://" in name:
+        return None
+    return os.path.join(os.path.dirname(image), name)
+
+
+def _check_backing_chain(path: str, info: dict[str, Any], vm: str) -> None:
+    """Refuses a qcow2 whose backing chain has a missing file: libguestfs
+    would only say its appliance did not start."""
+    seen = {os.path.realpath(path)}
+    image = path
+    while (backing := backing_file(image, info)) is not None:
+        if not os.path.exists(backing):
+            raise errors.FailedPrecondition(
+                f"VM {vm}: disk {path}'s backing file {backing} is missing; restore it, "
+                "or give a self-contained copy (`qemu-img convert -O qcow2` of the "
+                "complete chain)"
+            )
+        real = os.path.realpath(backing)
+        if real in seen:
+            raise errors.InvalidInput(
+                f"VM {vm}: disk {path}'s backing chain loops back to {backing}; give a "
+                "self-contained copy"
+            )
+        seen.add(real)
+        image, info = backing, _image_info(backing, vm, path)
 
 
 def check_disks(paths: list[str], vm: str, writable: bool) -> list[tuple[str, str]]:

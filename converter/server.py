@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 
 import grpc
 
-from converter.service import ConverterService
+from converter.service import STOP_GRACE_SECONDS, ConverterService, stop_all_workers
 from ferry.rpc import start_server
 from ferry.v1 import converter_pb2_grpc
 
@@ -28,9 +29,18 @@ async def _serve(listen: str) -> None:
     server, port = await start(listen)
     unix = listen.startswith("unix:")
     log.info("converter listening on %s", listen if unix else f"{listen} (port {port})")
-    await server.wait_for_termination()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("converter stopping: cancelling running conversions")
+    # Workers are stopped before the server: a conversion cut short must not
+    # leave a worker or a qemu appliance running after this process exits.
+    await asyncio.to_thread(stop_all_workers)
+    await server.stop(STOP_GRACE_SECONDS)  # time to tell the callers why
 
 
 def serve(listen: str) -> None:
-    """Runs the converter until interrupted."""
+    """Runs the converter until SIGTERM or SIGINT."""
     asyncio.run(_serve(listen))

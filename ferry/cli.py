@@ -5,7 +5,9 @@ FerryError into a message and an exit status instead of a traceback."""
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -16,6 +18,10 @@ DEFAULT_CONTROLPLANE = "127.0.0.1:7400"
 DEFAULT_TRANSFERD = "127.0.0.1:7401"
 DEFAULT_CONVERTER = "127.0.0.1:7402"
 DEFAULT_TRANSFERD_METRICS = "127.0.0.1:9401"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# Set by `ferry migrate` for the services it starts: the pid they must not outlive.
+DIE_WITH_PARENT_ENV = "FERRY_DIE_WITH_PARENT"
+_PR_SET_PDEATHSIG = 1
 
 
 def _env(name: str, default: str) -> str:
@@ -32,8 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ferry", description="Move virtual machines onto KubeVirt."
     )
     parser.add_argument(
-        "--log-level", default=_env("FERRY_LOG_LEVEL", "info"),
-        choices=["debug", "info", "warning", "error"],
+        "--log-level", default=_env("FERRY_LOG_LEVEL", "info"), choices=LOG_LEVELS,
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -99,11 +104,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _die_with_parent() -> None:
+    """A service started by `ferry migrate` gets SIGTERM from the kernel when
+    ferry migrate dies, however it dies (prctl PR_SET_PDEATHSIG), and exits at
+    once if that already happened."""
+    parent = os.environ.pop(DIE_WITH_PARENT_ENV, "")
+    if not parent.isdigit():
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != int(parent):
+        sys.exit(0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.log_level not in LOG_LEVELS:
+        parser.error(
+            f"FERRY_LOG_LEVEL={args.log_level!r} is not a log level; "
+            f"use one of {', '.join(LOG_LEVELS)}"
+        )
     setup_logging(args.log_level)
     try:
         if args.command == "serve":
+            _die_with_parent()
             if args.service == "transferd":
                 from transferd.server import serve as serve_transferd
 

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -81,6 +82,20 @@ def inspect_image(path: str) -> ImageInfo:
     carries a partition table. Raises ImageProblem naming the file and the fix."""
     p = Path(path)
     if not p.exists():
+        if p.is_symlink():
+            try:
+                p.resolve(strict=True)
+            except RuntimeError:
+                raise ImageProblem(
+                    "DiskNotFound", f"disk image {path} is a symlink loop; point it at the image"
+                ) from None
+            except OSError:
+                pass
+            raise ImageProblem(
+                "DiskNotFound",
+                f"disk image {path} is a symlink to {os.readlink(path)}, which does not exist; "
+                "check the path",
+            )
         raise ImageProblem("DiskNotFound", f"disk image {path} does not exist; check the path")
     if not p.is_file():
         raise ImageProblem(
@@ -90,6 +105,7 @@ def inspect_image(path: str) -> ImageInfo:
         raise ImageProblem(
             "DiskNotReadable", f"disk image {path} is not readable; fix its permissions"
         )
+    _check_extents(path)
     doc = _qemu_img_info(path)
     fmt = str(doc.get("format", ""))
     size_value = doc.get("virtual-size", 0)
@@ -98,7 +114,7 @@ def inspect_image(path: str) -> ImageInfo:
         raise ImageProblem(
             "UnsupportedImageFormat",
             f"{path} is a {fmt} image, which Ferry does not read; convert it with "
-            f"`qemu-img convert -O qcow2 {path} OUT.qcow2` or pass {ACCEPTED}",
+            f"`qemu-img convert -O qcow2 {shlex.quote(path)} OUT.qcow2` or pass {ACCEPTED}",
         )
     if doc.get("encrypted"):
         raise ImageProblem(
@@ -109,6 +125,8 @@ def inspect_image(path: str) -> ImageInfo:
     backing = doc.get("full-backing-filename") or doc.get("backing-filename")
     if backing:
         _check_backing(path, str(backing))
+    if fmt != "raw":
+        _check_consistency(path)
     if fmt == "raw":
         with open(path, "rb") as f:
             head = f.read(4104)
@@ -122,6 +140,83 @@ def inspect_image(path: str) -> ImageInfo:
     return ImageInfo(path=str(p.resolve()), format=fmt, virtual_size=size)
 
 
+def _corrupt(path: str, detail: str) -> ImageProblem:
+    return ImageProblem(
+        "CorruptImage",
+        f"disk image {path} is truncated or corrupt (qemu-img check: {detail}); "
+        "copy it again from the datastore",
+    )
+
+
+def _check_consistency(path: str) -> None:
+    """`qemu-img info` only reads the header, so a truncated qcow2/vmdk passes
+    it and would be copied as zeros; `qemu-img check` walks the metadata
+    (fast: no data is read). Exit 3 means leaked clusters only, which lose no
+    data; 63 means the format has no check."""
+    try:
+        out = subprocess.run(
+            ["qemu-img", "check", "--output=json", "-U", path],
+            capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT, check=False,
+        )
+    except subprocess.TimeoutExpired as e:
+        raise errors.Unavailable(
+            f"qemu-img check on {path} did not finish within {QEMU_IMG_TIMEOUT:.0f} s; "
+            "the machine may be overloaded, try again"
+        ) from e
+    if out.returncode in (0, 3, 63):
+        return
+    errs = [line.strip() for line in out.stderr.splitlines() if line.strip()]
+    first = next((line for line in errs if line.startswith("ERROR")), errs[0] if errs else "")
+    summary = ""
+    with contextlib.suppress(ValueError):
+        doc = json.loads(out.stdout)
+        if isinstance(doc, dict) and doc.get("corruptions"):
+            summary = f"{doc['corruptions']} corruptions"
+    detail = "; ".join(x for x in (summary, first[:200]) if x) or f"exit {out.returncode}"
+    raise _corrupt(path, detail)
+
+
+_EXTENT_LINE = re.compile(
+    rb'^\s*(?:RW|RDONLY|NOACCESS)\s+(\d+)\s+(\w+)\s+"([^"\n]*)"', re.MULTILINE
+)
+
+
+def _check_extents(path: str) -> None:
+    """A vmdk descriptor may name extent files anywhere (even /etc/shadow or
+    /dev/sda); like backing files, they must be regular files in the image's
+    own directory. Read from the descriptor itself before qemu-img opens
+    anything, since opening a FIFO extent would hang. Also catches a flat
+    extent cut short."""
+    with open(path, "rb") as f:
+        head = f.read(65536)
+    if not (head.startswith(b"KDMV") or b"# Disk DescriptorFile" in head):
+        return
+    own = Path(path).resolve()
+    base = own.parent
+    for match in _EXTENT_LINE.finditer(head):
+        sectors, kind = int(match.group(1)), match.group(2).decode(errors="replace")
+        name = match.group(3).decode(errors="replace")
+        target = (Path(name) if os.path.isabs(name) else base / name).resolve()
+        if target == own:
+            continue
+        if target.parent != base:
+            raise ImageProblem(
+                "ExtentOutsideDirectory",
+                f"{path} has the extent file {name} outside {base}; copy the extent into "
+                "that directory or convert the image with "
+                f"`qemu-img convert -O qcow2 {shlex.quote(path)} OUT.qcow2`",
+            )
+        if not target.is_file():
+            raise ImageProblem(
+                "ExtentNotAFile",
+                f"{path} has the extent {name}, which is not a regular file; "
+                "Ferry only copies image files, never devices",
+            )
+        have = target.stat().st_size
+        if kind == "FLAT" and have < sectors * 512:
+            raise _corrupt(path, f"flat extent {name} holds {have} of {sectors * 512} bytes")
+
+
 def _check_backing(path: str, backing: str) -> None:
     """A backing chain may only use files in the image's own directory, so a
     crafted image cannot make Ferry read (and copy out) an unrelated file."""
@@ -132,7 +227,8 @@ def _check_backing(path: str, backing: str) -> None:
         raise ImageProblem(
             "BackingFileOutsideDirectory",
             f"{path} has the backing file {backing} outside {base}; flatten it with "
-            f"`qemu-img convert -O qcow2 {path} OUT.qcow2` or move the chain into one directory",
+            f"`qemu-img convert -O qcow2 {shlex.quote(path)} OUT.qcow2` or move the chain "
+            "into one directory",
         )
     if not target.is_file():
         raise ImageProblem(
@@ -158,6 +254,10 @@ def find_vmx(first_disk: str) -> Path | None:
     candidates: list[Path] = []
     with contextlib.suppress(OSError):
         for vmx in sorted(disk.parent.glob("*.vmx")):
+            # Only regular files: a FIFO would block the read forever and a
+            # directory cannot be read at all.
+            if not vmx.is_file():
+                continue
             descriptor = read_vmx(vmx)
             if any(Path(d).name == disk.name for d in descriptor.disks):
                 candidates.append(vmx)

@@ -19,6 +19,7 @@ class VmxNic:
     mac: str
     network: str
     virtual_dev: str
+    mac_key: str = ""  # the key the MAC was read from, as VMware spells it
 
 
 @dataclass(frozen=True)
@@ -85,10 +86,14 @@ def parse_vmx(text: str) -> VmxDescriptor:
         address_type = pairs.get(f"{prefix}.addresstype", "").lower()
         static = pairs.get(f"{prefix}.address", "")
         generated = pairs.get(f"{prefix}.generatedaddress", "")
-        mac = static if address_type == "static" and static else (generated or static)
+        if (address_type == "static" and static) or not generated:
+            mac, mac_key = static, f"{prefix}.address"
+        else:
+            mac, mac_key = generated, f"{prefix}.generatedAddress"
         nics.append(VmxNic(
             index=i,
             mac=mac.lower(),
+            mac_key=mac_key,
             network=pairs.get(f"{prefix}.networkname", ""),
             virtual_dev=pairs.get(f"{prefix}.virtualdev", ""),
         ))

@@ -44,7 +44,8 @@ def target_problems(directory: str) -> list[tuple[str, str]]:
     if not p.exists():
         return [(
             "TargetDirectoryMissing",
-            f"target directory {directory} does not exist; create it (mkdir -p {directory})",
+            f"target directory {directory} does not exist; create it "
+            f"(mkdir -p {shlex.quote(directory)})",
         )]
     if not p.is_dir():
         return [(
@@ -60,14 +61,28 @@ def target_problems(directory: str) -> list[tuple[str, str]]:
 
 
 def vm_directory_problem(directory: str, vm: str) -> str | None:
-    """A VM directory that exists and is not empty is never overwritten."""
+    """Anything already at DIR/<vm> is refused: the migration claims the VM
+    directory by creating it, so a concurrent migration of the same name
+    fails instead of overwriting (and later deleting) the other's disks."""
     d = Path(directory) / vm
-    if d.exists() and (not d.is_dir() or any(d.iterdir())):
-        return (
-            f"{d} already exists and is not empty; remove it or pick another target "
-            "directory or VM name (--name)"
-        )
-    return None
+    fix = "or pick another target directory or VM name (--name)"
+    if d.is_symlink() and not d.exists():
+        return f"{d} is a dangling symlink; remove it (rm {_hint_path(d)}) {fix}"
+    if not os.path.lexists(d):
+        return None
+    if not d.is_dir():
+        return f"{d} already exists and is not a directory; remove it {fix}"
+    try:
+        empty = not any(d.iterdir())
+    except OSError as e:
+        return f"{d} already exists and cannot be read ({e.strerror}); remove it {fix}"
+    if empty:
+        return f"{d} already exists (empty); remove it (rmdir {_hint_path(d)}) {fix}"
+    return f"{d} already exists and is not empty; remove it {fix}"
+
+
+def _hint_path(path: Path) -> str:
+    return shlex.quote(str(path))
 
 
 def qemu_script(spec: VMSpec) -> str:
@@ -85,7 +100,7 @@ def qemu_script(spec: VMSpec) -> str:
     if spec.firmware == "uefi":
         groups.append(["-bios", "/usr/share/ovmf/OVMF.fd"])
     for i, disk in enumerate(spec.disks):
-        groups.append(["-drive", f"file=$DIR/{Path(disk).name},format=raw,if=none,id=disk{i}"])
+        groups.append(["-drive", f"file=$QDIR/{Path(disk).name},format=raw,if=none,id=disk{i}"])
         boot = ",bootindex=0" if i == 0 else ""
         groups.append(["-device", f"virtio-blk-pci,drive=disk{i}{boot}"])
     for i, mac in enumerate(spec.macs):
@@ -100,6 +115,8 @@ def qemu_script(spec: VMSpec) -> str:
         "# FERRY_QEMU_ACCEL lists accelerators to try in order (default kvm:tcg, KVM\n"
         "# when the host has it, else TCG); set it to tcg where /dev/kvm misbehaves.\n"
         'DIR="$(cd "$(dirname "$0")" && pwd)"\n'
+        "# qemu option values end at a comma; a comma in the path is written twice.\n"
+        'QDIR="$(printf \'%s\' "$DIR" | sed \'s/,/,,/g\')"\n'
         "ACCEL_ARGS=\n"
         'for a in $(echo "${FERRY_QEMU_ACCEL:-kvm:tcg}" | tr : " "); do\n'
         '  ACCEL_ARGS="$ACCEL_ARGS -accel $a"\n'
@@ -114,11 +131,11 @@ _ACCEL_ARGS = "$ACCEL_ARGS"
 
 
 def _shell_word(arg: str) -> str:
-    """$DIR must expand (in double quotes), $ACCEL_ARGS must split into
+    """$QDIR must expand (in double quotes), $ACCEL_ARGS must split into
     words; everything else is quoted literally."""
     if arg == _ACCEL_ARGS:
         return arg
-    if arg.startswith("file=$DIR/"):
+    if arg.startswith("file=$QDIR/"):
         return f'"{arg}"'
     return shlex.quote(arg)
 
@@ -158,6 +175,15 @@ def libvirt_xml(spec: VMSpec) -> str:
     return ET.tostring(domain, encoding="unicode") + "\n"
 
 
+def _write(path: Path, text: str) -> None:
+    """write_text whose OSError names the file (a failed write(), e.g. out
+    of space, carries no file name of its own)."""
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from e
+
+
 class LocalTarget:
     """Creates DIR/<vm>/ and the files in it; remembers what it created so a
     failed or cancelled migration removes exactly that."""
@@ -171,49 +197,43 @@ class LocalTarget:
     def disk_paths(self, vm: str, count: int) -> list[str]:
         return [str(self.vm_dir(vm) / disk_file_name(i)) for i in range(count)]
 
-    def prepare(self, vm: str) -> bool:
+    def prepare(self, vm: str) -> None:
         """Checks the target again (it may have changed since the plan was
-        validated) and creates the VM directory before any byte is copied.
-        Returns whether this call created the directory."""
+        validated) and claims the VM directory by creating it (mkdir fails if
+        anything is there) before any byte is copied."""
         problems = target_problems(self.directory)
         if problems:
             raise errors.FailedPrecondition(f"VM {vm}: {problems[0][1]}")
-        problem = vm_directory_problem(self.directory, vm)
-        if problem:
-            raise errors.AlreadyExists(f"VM {vm}: {problem}")
-        d = self.vm_dir(vm)
-        if d.exists():
-            return False
-        d.mkdir()
-        return True
+        try:
+            self.vm_dir(vm).mkdir()
+        except FileExistsError:
+            problem = vm_directory_problem(self.directory, vm) or (
+                f"{self.vm_dir(vm)} already exists; remove it or pick another VM name (--name)"
+            )
+            raise errors.AlreadyExists(f"VM {vm}: {problem}") from None
 
     def write_report(self, vm: str, report: converter_pb2.ConversionReport) -> str:
         path = self.vm_dir(vm) / REPORT_FILE
         doc = json_format.MessageToDict(report, preserving_proto_field_name=True)
-        path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        _write(path, json.dumps(doc, indent=2) + "\n")
         return str(path)
 
     def create_vm(self, spec: VMSpec, status: controlplane_pb2.VMStatus) -> None:
         d = self.vm_dir(spec.name)
         script = d / f"{spec.name}.qemu.sh"
-        script.write_text(qemu_script(spec), encoding="utf-8")
+        _write(script, qemu_script(spec))
         script.chmod(0o755)
         xml_path = d / f"{spec.name}.xml"
-        xml_path.write_text(libvirt_xml(spec), encoding="utf-8")
+        _write(xml_path, libvirt_xml(spec))
         status.vm_directory = str(d)
         status.qemu_command_file = str(script)
         status.libvirt_xml_file = str(xml_path)
 
-    def remove(self, vm: str, created_dir: bool, files: list[str]) -> str:
-        """Removes what the migration created and says what that was ("" when
-        there was nothing)."""
+    def remove(self, vm: str) -> str:
+        """Removes the VM directory this migration created (prepare succeeded)
+        and says so; never called for a directory it did not create."""
         d = self.vm_dir(vm)
-        if created_dir and d.exists():
-            shutil.rmtree(d, ignore_errors=True)
-            return f"removed {d}, which this migration had created"
-        removed = []
-        for f in files:
-            if os.path.exists(f):
-                os.unlink(f)
-                removed.append(f)
-        return f"removed {', '.join(removed)}" if removed else ""
+        if not d.is_dir() or d.is_symlink():
+            return ""
+        shutil.rmtree(d, ignore_errors=True)
+        return f"removed {d}, which this migration had created"

@@ -189,3 +189,104 @@ def test_serve_image_reports_why_qemu_nbd_could_not_start(tmp_path: Path, raw_di
     with pytest.raises(errors.OperationFailed) as e:
         asyncio.run(use_export())
     assert f"qemu-nbd could not serve {info.path}" in str(e.value)
+
+
+def _image_with_data(path: Path, fmt: str) -> Path:
+    """A qcow2/vmdk with 8 MiB of real data, so its metadata points past 1 MiB."""
+    qemu_img("create", "-f", fmt, str(path), "64M")
+    subprocess.run(["qemu-io", "-f", fmt, "-c", "write -P 0x55 0 8M", str(path)],
+                   check=True, capture_output=True)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "vmdk"])
+def test_a_truncated_image_is_refused_not_copied_as_zeros(tmp_path: Path, fmt: str):
+    path = _image_with_data(tmp_path / f"disk.{fmt}", fmt)
+    os.truncate(path, 1 << 20)
+    e = _problem(path)
+    assert e.kind == "CorruptImage"
+    assert str(e).startswith(f"disk image {path} is truncated or corrupt (qemu-img check: ")
+    assert str(e).endswith("); copy it again from the datastore")
+    assert len(str(e)) < 500
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "vmdk"])
+def test_a_whole_image_with_data_passes_the_check(tmp_path: Path, fmt: str):
+    path = _image_with_data(tmp_path / f"disk.{fmt}", fmt)
+    assert inspect_image(str(path)).virtual_size == 64 << 20
+
+
+def test_the_cached_debian_vmdk_passes_the_check_unmodified():
+    cache = Path(os.environ.get("FERRY_CACHE_DIR", Path.home() / ".cache" / "ferry"))
+    vmdks = sorted(cache.glob("guests/debian12-*/debian12.vmdk"))
+    if not vmdks:
+        pytest.skip("no cached debian12 guest (built by the e2e tests)")
+    before = vmdks[0].stat()
+    assert inspect_image(str(vmdks[0])).format == "vmdk"
+    after = vmdks[0].stat()
+    assert (before.st_mtime_ns, before.st_size) == (after.st_mtime_ns, after.st_size)
+
+
+def _flat_vmdk(path: Path, extent: str) -> Path:
+    path.write_text(
+        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n"
+        f'createType="monolithicFlat"\n\nRW 2048 FLAT "{extent}" 0\n\n'
+        'ddb.adapterType = "ide"\n'
+    )
+    return path
+
+
+def test_a_vmdk_extent_outside_the_directory_is_refused(tmp_path: Path):
+    (tmp_path / "other").mkdir()
+    secret = tmp_path / "other" / "x.raw"
+    secret.write_bytes(b"secret" * 200000)
+    (tmp_path / "vm").mkdir()
+    path = _flat_vmdk(tmp_path / "vm" / "web.vmdk", str(secret))
+    e = _problem(path)
+    assert e.kind == "ExtentOutsideDirectory"
+    assert str(e).startswith(
+        f"{path} has the extent file {secret} outside {tmp_path / 'vm'}; copy the extent"
+    )
+    relative = _flat_vmdk(tmp_path / "vm" / "rel.vmdk", "../other/x.raw")
+    assert _problem(relative).kind == "ExtentOutsideDirectory"
+
+
+def test_a_vmdk_extent_that_is_a_device_is_refused(tmp_path: Path):
+    os.symlink("/dev/null", tmp_path / "dev-flat.vmdk")
+    e = _problem(_flat_vmdk(tmp_path / "dev.vmdk", "/dev/null"))
+    assert e.kind == "ExtentOutsideDirectory"
+    e = _problem(_flat_vmdk(tmp_path / "dev2.vmdk", "dev-flat.vmdk"))
+    assert e.kind == "ExtentOutsideDirectory"
+
+
+def test_a_vmdk_extent_that_is_a_fifo_in_the_directory_is_refused(tmp_path: Path):
+    os.mkfifo(tmp_path / "pipe-flat.vmdk")
+    e = _problem(_flat_vmdk(tmp_path / "pipe.vmdk", "pipe-flat.vmdk"))
+    assert e.kind == "ExtentNotAFile"
+    assert "which is not a regular file" in str(e)
+
+
+def test_a_flat_vmdk_with_its_extent_in_the_directory_is_accepted(tmp_path: Path):
+    (tmp_path / "web-flat.vmdk").write_bytes(b"\0" * (1 << 20))
+    assert inspect_image(str(_flat_vmdk(tmp_path / "web.vmdk", "web-flat.vmdk"))).format == "vmdk"
+
+
+def test_a_short_flat_extent_is_refused_as_truncated(tmp_path: Path):
+    (tmp_path / "web-flat.vmdk").write_bytes(b"\0" * 4096)
+    e = _problem(_flat_vmdk(tmp_path / "web.vmdk", "web-flat.vmdk"))
+    assert e.kind == "CorruptImage"
+    assert "flat extent web-flat.vmdk holds 4096 of 1048576 bytes" in str(e)
+
+
+def test_a_symlink_loop_is_named_as_such(tmp_path: Path):
+    (tmp_path / "a.raw").symlink_to(tmp_path / "b.raw")
+    (tmp_path / "b.raw").symlink_to(tmp_path / "a.raw")
+    assert str(_problem(tmp_path / "a.raw")) == (
+        f"disk image {tmp_path / 'a.raw'} is a symlink loop; point it at the image"
+    )
+
+
+def test_hints_quote_paths_with_spaces(tmp_path: Path):
+    path = tmp_path / "my disk.vdi"
+    qemu_img("create", "-f", "vdi", str(path), "8M")
+    assert f"`qemu-img convert -O qcow2 '{path}' OUT.qcow2`" in str(_problem(path))

@@ -10,6 +10,7 @@ import pytest
 from controlplane.targets.local import LocalTarget, VMSpec, libvirt_xml, qemu_script
 from ferry import errors
 from ferry.v1 import controlplane_pb2, converter_pb2
+from tests.controlplane.conftest import make_raw_with_mbr
 
 SPEC = VMSpec(
     name="web", memory_mib=3072, cpus=3, firmware="bios",
@@ -54,7 +55,7 @@ def test_qemu_script_is_valid_sh_with_q35_virtio_and_the_source_macs(tmp_path: P
     subprocess.run(["sh", "-n", str(path)], check=True)
     for expected in [
         "-machine q35", "-m 3072", "-smp 3",
-        '-drive "file=$DIR/disk0.raw,format=raw,if=none,id=disk0"',
+        '-drive "file=$QDIR/disk0.raw,format=raw,if=none,id=disk0"',
         "-device virtio-blk-pci,drive=disk0,bootindex=0",
         "-device virtio-blk-pci,drive=disk1",
         "-device virtio-net-pci,netdev=net0,mac=00:50:56:00:00:01",
@@ -106,7 +107,7 @@ def test_prepare_refuses_a_missing_target_directory(tmp_path: Path):
 
 def test_create_vm_writes_the_files_and_remove_takes_back_what_it_created(tmp_path: Path):
     target = LocalTarget(str(tmp_path))
-    assert target.prepare("web") is True
+    target.prepare("web")
     spec = VMSpec(**{**SPEC.__dict__, "disks": target.disk_paths("web", 2)})
     status = controlplane_pb2.VMStatus(name="web")
     target.create_vm(spec, status)
@@ -114,16 +115,59 @@ def test_create_vm_writes_the_files_and_remove_takes_back_what_it_created(tmp_pa
     assert Path(status.qemu_command_file).stat().st_mode & 0o100
     assert Path(status.libvirt_xml_file).read_text().startswith("<domain")
     assert '"distro": "debian"' in Path(report).read_text()
-    message = target.remove("web", True, [])
+    message = target.remove("web")
     assert message == f"removed {tmp_path / 'web'}, which this migration had created"
     assert list(tmp_path.iterdir()) == []
 
 
-def test_remove_keeps_a_directory_it_did_not_create(tmp_path: Path):
-    (tmp_path / "web").mkdir()
-    target = LocalTarget(str(tmp_path))
-    assert target.prepare("web") is False
+def test_the_second_of_two_migrations_of_one_vm_cannot_claim_its_directory(tmp_path: Path):
+    winner, loser = LocalTarget(str(tmp_path)), LocalTarget(str(tmp_path))
+    winner.prepare("web")
     disk = tmp_path / "web" / "disk0.raw"
-    disk.write_bytes(b"x")
-    assert target.remove("web", False, [str(disk)]) == f"removed {disk}"
-    assert (tmp_path / "web").is_dir() and not disk.exists()
+    disk.write_bytes(b"the winner's disk")
+    with pytest.raises(errors.AlreadyExists) as e:
+        loser.prepare("web")
+    assert str(e.value) == (
+        f"VM web: {tmp_path / 'web'} already exists and is not empty; remove it or pick "
+        "another target directory or VM name (--name)"
+    )
+    assert disk.read_bytes() == b"the winner's disk"
+
+
+def test_prepare_refuses_an_empty_existing_vm_directory_with_the_fix(tmp_path: Path):
+    (tmp_path / "web").mkdir()
+    with pytest.raises(errors.AlreadyExists) as e:
+        LocalTarget(str(tmp_path)).prepare("web")
+    assert str(e.value) == (
+        f"VM web: {tmp_path / 'web'} already exists (empty); remove it (rmdir "
+        f"{tmp_path / 'web'}) or pick another target directory or VM name (--name)"
+    )
+    assert (tmp_path / "web").is_dir()
+
+
+def test_prepare_refuses_a_dangling_symlink_at_the_vm_directory(tmp_path: Path):
+    (tmp_path / "web").symlink_to(tmp_path / "gone")
+    with pytest.raises(errors.AlreadyExists) as e:
+        LocalTarget(str(tmp_path)).prepare("web")
+    assert str(e.value) == (
+        f"VM web: {tmp_path / 'web'} is a dangling symlink; remove it (rm {tmp_path / 'web'}) "
+        "or pick another target directory or VM name (--name)"
+    )
+    assert (tmp_path / "web").is_symlink()
+
+
+def test_qemu_script_doubles_commas_in_the_disk_path_so_qemu_finds_the_disk(tmp_path: Path):
+    vm_dir = tmp_path / "a,b vms" / "web"
+    vm_dir.mkdir(parents=True)
+    make_raw_with_mbr(vm_dir / "disk0.raw", size_mib=1, data=False)
+    argv = _argv(qemu_script(SPEC), vm_dir)
+    drive = argv[argv.index("-drive") + 1]
+    assert drive == f"file={tmp_path}/a,,b vms/web/disk0.raw,format=raw,if=none,id=disk0"
+    # qemu's own option parser reads the doubled comma back as one.
+    filename = drive.removeprefix("file=").split(",format=raw")[0]
+    info = subprocess.run(
+        ["qemu-img", "info", "--output=json", "--image-opts",
+         f"driver=raw,file.driver=file,file.filename={filename}"],
+        capture_output=True, text=True, check=True,
+    )
+    assert f'"filename": "{vm_dir}/disk0.raw"' in info.stdout

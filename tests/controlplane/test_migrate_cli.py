@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -176,25 +177,32 @@ def test_migrate_copies_a_vm_described_by_a_vmx_and_says_where_it_is(
     assert _processes_with_marker(marker) == []
 
 
-def test_ctrl_c_cancels_the_copy_removes_the_vm_directory_and_stops_everything(
-    big_disk: Path, target: Path
-):
-    disk = big_disk
-    before = sha256_of(disk)
-    marker = uuid.uuid4().hex
+def _start_copy(disk: Path, target: Path, marker: str, tmp: Path) -> subprocess.Popen[str]:
+    """ferry migrate of `disk`, returned once the copy shows progress."""
+    tmp.mkdir(exist_ok=True)
     proc = subprocess.Popen(
         [FERRY, "migrate", "--source", f"disk:{disk}", "--target", f"local:{target}",
          "--skip-conversion", "--mac", "00:50:56:00:00:01"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "FERRY_TEST_MARK": marker},
+        env={**os.environ, "FERRY_TEST_MARK": marker, "TMPDIR": str(tmp)},
     )
     assert proc.stdout is not None
-    first = ""
-    while "[CopyDisks]" not in first:
+    line = ""
+    while "[CopyDisks]" not in line:
         line = proc.stdout.readline()
         assert line, "ferry migrate ended before the copy showed progress"
-        first = line
-    proc.send_signal(signal.SIGINT)
+    return proc
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_ctrl_c_or_kill_cancels_the_copy_removes_the_vm_directory_and_stops_everything(
+    big_disk: Path, target: Path, tmp_path: Path, sig: signal.Signals
+):
+    disk = big_disk
+    before = sha256_of(disk)
+    marker = uuid.uuid4().hex
+    proc = _start_copy(disk, target, marker, tmp_path / "tmp")
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=300)
 
     assert proc.returncode == 130, out + err
@@ -204,9 +212,44 @@ def test_ctrl_c_cancels_the_copy_removes_the_vm_directory_and_stops_everything(
         f"removed {target / 'big'}, which this migration had created"
     ) in out
     assert list(target.iterdir()) == []
+    assert list((tmp_path / "tmp").iterdir()) == []
     assert qemu_nbd_serving(disk) == []
     assert _processes_with_marker(marker) == []
     assert sha256_of(disk) == before
+
+
+def test_ctrl_c_twice_still_stops_the_services_and_removes_the_work_directory(
+    big_disk: Path, target: Path, tmp_path: Path
+):
+    marker = uuid.uuid4().hex
+    proc = _start_copy(big_disk, target, marker, tmp_path / "tmp")
+    assert proc.stdout is not None
+    proc.send_signal(signal.SIGINT)
+    while "cancelling the migration" not in proc.stdout.readline():
+        pass
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in err
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert qemu_nbd_serving(big_disk) == []
+    assert _processes_with_marker(marker) == []
+
+
+def test_services_die_with_a_killed_ferry_migrate(
+    big_disk: Path, target: Path, tmp_path: Path
+):
+    marker = uuid.uuid4().hex
+    proc = _start_copy(big_disk, target, marker, tmp_path / "tmp")
+    proc.kill()
+    proc.communicate(timeout=60)
+    for _ in range(1200):  # the services stop their work first; allow them 2 minutes
+        if _processes_with_marker(marker) == [] and qemu_nbd_serving(big_disk) == []:
+            break
+        time.sleep(0.1)
+    assert _processes_with_marker(marker) == []
+    assert qemu_nbd_serving(big_disk) == []
 
 
 @pytest.mark.e2e
@@ -233,3 +276,95 @@ def test_a_disk_without_an_os_fails_in_conversion_and_leaves_nothing(
     assert sha256_of(disk) == before
     assert qemu_nbd_serving(disk) == []
     assert _processes_with_marker(marker) == []
+
+
+def test_a_state_dir_that_is_a_file_is_refused_up_front(raw_disk: Path, target: Path):
+    state = target.parent / "state"
+    state.write_text("a file")
+    result = ferry("--source", f"disk:{raw_disk}", "--target", f"local:{target}",
+                   "--mac", "00:50:56:00:00:01", "--state-dir", str(state))
+    _refused(result, f"--state-dir {state} is not a directory; pass a directory", target)
+
+
+def test_a_dangling_symlink_at_the_vm_directory_is_refused_up_front(
+    raw_disk: Path, target: Path
+):
+    (target / "disk").symlink_to(target / "gone")
+    result = ferry("--source", f"disk:{raw_disk}", "--target", f"local:{target}",
+                   "--mac", "00:50:56:00:00:01")
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"ferry: error: VM disk: {target / 'disk'} is a dangling symlink; remove it "
+        f"(rm {target / 'disk'}) or pick another target directory or VM name (--name)\n"
+    )
+    assert (target / "disk").is_symlink()
+
+
+def test_the_same_disk_twice_is_refused_up_front(raw_disk: Path, target: Path):
+    alias = raw_disk.parent / "alias.raw"
+    alias.symlink_to(raw_disk)
+    result = ferry("--source", f"disk:{raw_disk},{alias}", "--target", f"local:{target}",
+                   "--mac", "00:50:56:00:00:01")
+    _refused(result, f"VM disk: the disk {alias} (the same file as {raw_disk}) is given "
+             "twice; give each disk once", target)
+
+
+def test_a_bad_mac_in_the_vmx_names_the_file_and_key_and_suggests_mac(
+    tmp_path: Path, target: Path
+):
+    src = tmp_path / "src"
+    src.mkdir()
+    disk = make_raw_with_mbr(src / "web.raw", data=False)
+    (src / "web.vmx").write_text('scsi0:0.fileName = "web.raw"\n'
+                                 'ethernet0.generatedAddress = "ff:ff:ff:ff:ff:ff"\n')
+    result = ferry("--source", f"disk:{disk}", "--target", f"local:{target}")
+    _refused(result, "VM web: web.vmx ethernet0.generatedAddress 'ff:ff:ff:ff:ff:ff' is the "
+             "broadcast address, which no NIC can have; pass the NIC's MAC with --mac, "
+             "written as 00:50:56:aa:bb:cc", target)
+
+
+def test_an_unreachable_controlplane_is_named_with_the_flag(raw_disk: Path, target: Path):
+    address = f"unix:{target.parent}/nothing.sock"
+    result = ferry("--source", f"disk:{raw_disk}", "--target", f"local:{target}",
+                   "--mac", "00:50:56:00:00:01", "--controlplane", address)
+    assert result.returncode == 1
+    assert result.stderr.startswith(
+        f"ferry: error: the control plane at {address} is not reachable: "
+    )
+    assert result.stderr.endswith("; check --controlplane\n")
+    assert "Traceback" not in result.stderr
+
+
+def test_a_long_tmpdir_still_works_and_is_left_clean(
+    tmp_path: Path, target: Path
+):
+    """Unix socket paths are limited to 107 bytes; a long TMPDIR must not matter."""
+    disk = make_raw_with_mbr(tmp_path / "web.raw", size_mib=8)
+    tmp = tmp_path / ("t" * 90)
+    tmp.mkdir()
+    marker = uuid.uuid4().hex
+    result = ferry("--source", f" disk: ~/{os.path.relpath(disk, Path.home())}",
+                   "--target", f"local: {target}", "--mac", "00:50:56:00:00:01",
+                   "--skip-conversion",
+                   env={"TMPDIR": str(tmp), "FERRY_TEST_MARK": marker})
+    assert result.returncode == 0, result.stderr
+    assert "--listen" not in result.stdout + result.stderr
+    assert sha256_of(target / "web" / "disk0.raw") == sha256_of(disk)
+    assert _processes_with_marker(marker) == []
+
+
+def test_a_fifo_or_directory_named_like_the_vmx_neither_hangs_nor_blocks(
+    tmp_path: Path, target: Path
+):
+    src = tmp_path / "src"
+    src.mkdir()
+    disk = make_raw_with_mbr(src / "web.raw", size_mib=8)
+    os.mkfifo(src / "web.vmx")
+    (src / "other.vmx").mkdir()
+    result = ferry("--source", f"disk:{disk}", "--target", f"local:{target}",
+                   "--mac", "00:50:56:00:00:01", "--skip-conversion")
+    assert result.returncode == 0, result.stderr
+    assert (
+        f"ferry: warning: VM web: {src / 'web.vmx'} is not a regular file and was ignored; "
+        "rename it if it is not the VM's descriptor\n"
+    ) in result.stderr

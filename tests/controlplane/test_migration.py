@@ -5,15 +5,25 @@ failure or cancellation removes what the migration created."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
 from controlplane import plans
-from controlplane.migration import MigrationRunner, Services, new_migration, run_migration
+from controlplane.migration import (
+    MigrationRunner,
+    Services,
+    new_migration,
+    os_error_message,
+    run_migration,
+)
 from controlplane.store import Store
+from controlplane.targets.local import LocalTarget, VMSpec
 from ferry import errors
 from ferry.v1 import controlplane_pb2, transfer_pb2, transfer_pb2_grpc
 from tests.controlplane.conftest import make_raw_with_mbr, qemu_img, qemu_nbd_serving, sha256_of
@@ -180,3 +190,72 @@ def test_cancel_during_copy_cancels_transfers_and_removes_the_vm_directory(
         s in (transfer_pb2.TRANSFER_STATE_CANCELLED, transfer_pb2.TRANSFER_STATE_SUCCEEDED)
         for s in ours
     )
+
+
+def test_two_migrations_of_the_same_vm_into_one_directory_leave_the_winner_intact(
+    sources: list[Path], target: Path, tmp_path: Path, transferd_addr: str
+):
+    before = sha256_of(sources[0])
+
+    async def both() -> list[controlplane_pb2.Migration | BaseException]:
+        return await asyncio.gather(*(
+            run_migration(_plan(sources, target), Store(str(tmp_path / f"state{i}")),
+                          transferd_addr, "unix:/nonexistent", str(tmp_path / f"state{i}"))
+            for i in range(2)
+        ), return_exceptions=True)
+
+    results = asyncio.run(both())
+    won = [r for r in results if isinstance(r, controlplane_pb2.Migration)
+           and r.state == M.MIGRATION_STATE_SUCCEEDED]
+    lost = [r for r in results if r not in won]
+    assert len(won) == 1 and len(lost) == 1
+    message = str(lost[0]) if isinstance(lost[0], BaseException) else lost[0].vms[0].error
+    assert f"{target / 'web'} already exists" in message
+    assert "removed" not in message
+    assert sha256_of(target / "web" / "disk0.raw") == before
+    assert sorted(p.name for p in (target / "web").iterdir()) == [
+        "disk0.raw", "disk1.raw", "web.qemu.sh", "web.xml"
+    ]
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB file system (tmpfs) for running out of space."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_full_target_says_no_space_where_and_what_not_errno(
+    sources: list[Path], small_fs: Path, tmp_path: Path, transferd_addr: str
+):
+    mig = asyncio.run(run_migration(_plan(sources, small_fs), Store(str(tmp_path / "state")),
+                                    transferd_addr, "unix:/nonexistent",
+                                    str(tmp_path / "state")))
+    assert mig.state == M.MIGRATION_STATE_FAILED
+    error = mig.vms[0].error
+    assert f"no space left on {small_fs} while writing {small_fs / 'web'}/disk" in error
+    assert "; free space there or choose another --target" in error
+    assert "Errno" not in error and "internal" not in error
+    assert list(small_fs.iterdir()) == []
+
+
+def test_a_full_target_while_writing_the_vm_files_is_named(small_fs: Path):
+    target = LocalTarget(str(small_fs))
+    target.prepare("web")
+    with open(small_fs / "web" / "filler", "wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\xff" * 65536)
+            f.flush()
+    spec = VMSpec("web", 2048, 2, "bios", ["00:50:56:00:00:01"], target.disk_paths("web", 1))
+    with pytest.raises(OSError) as e:
+        target.create_vm(spec, controlplane_pb2.VMStatus(name="web"))
+    message = os_error_message(e.value, str(small_fs))
+    assert message.startswith(f"no space left on {small_fs} while writing {small_fs / 'web'}/")
+    assert message.endswith("; free space there or choose another --target")

@@ -144,9 +144,14 @@ def test_an_existing_non_empty_vm_directory_blocks(raw_disk: Path, target: Path)
     )
 
 
-def test_an_empty_existing_vm_directory_is_fine(raw_disk: Path, target: Path):
+def test_an_empty_existing_vm_directory_blocks_with_the_fix(raw_disk: Path, target: Path):
     (target / "web").mkdir()
-    assert _conditions(_plan(target, _vm("web", raw_disk))) == []
+    [(_, category, kind, message)] = _conditions(_plan(target, _vm("web", raw_disk)))
+    assert (category, kind) == ("Blocking", "TargetVMDirectoryNotEmpty")
+    assert message == (
+        f"VM web: {target / 'web'} already exists (empty); remove it (rmdir {target / 'web'}) "
+        "or pick another target directory or VM name (--name)"
+    )
 
 
 @pytest.mark.parametrize("name", ["", "../etc", "a b", "-x"])
@@ -164,3 +169,93 @@ def test_a_bad_mac_blocks(raw_disk: Path, target: Path):
 
 def test_a_plan_without_vms_blocks(target: Path):
     assert [k for _, _, k, _ in _conditions(_plan(target))] == ["NoVMs"]
+
+
+def _vmx_vm(tmp_path: Path, body: str) -> tuple[Path, Path]:
+    src = tmp_path / "src"
+    src.mkdir()
+    disk = make_raw_with_mbr(src / "web.raw", data=False)
+    (src / "web.vmx").write_text('scsi0:0.fileName = "web.raw"\n' + body)
+    return disk, src / "web.vmx"
+
+
+@pytest.mark.parametrize("body, message", [
+    ('memsize = "99999999999"\n',
+     "memsize: 99999999999 MiB of memory is outside 64 MiB..4 TiB; fix memsize in"),
+    ('memsize = "1"\n', "memsize: 1 MiB of memory is outside 64 MiB..4 TiB; fix memsize in"),
+    ('numvcpus = "100000"\n', "numvcpus: 100000 CPUs is outside 1..512; fix numvcpus in"),
+])
+def test_absurd_hardware_in_the_vmx_blocks_naming_the_key(
+    tmp_path: Path, target: Path, body: str, message: str
+):
+    disk, vmx = _vmx_vm(tmp_path, body)
+    conditions = _conditions(_plan(target, _vm("web", disk)))
+    assert [(c, k, m) for _, c, k, m in conditions] == [
+        ("Blocking", "InvalidHardware", f"VM web: web.vmx {message} {vmx}")
+    ]
+
+
+@pytest.mark.parametrize("memory, cpus, why", [
+    (32, 2, "32 MiB of memory is outside 64 MiB..4 TiB"),
+    ((4 << 20) + 1, 2, "4194305 MiB of memory is outside 64 MiB..4 TiB"),
+    (2048, 513, "513 CPUs is outside 1..512"),
+])
+def test_absurd_hardware_in_the_plan_blocks(
+    raw_disk: Path, target: Path, memory: int, cpus: int, why: str
+):
+    vm = _vm("web", raw_disk)
+    vm.memory_mib, vm.cpus = memory, cpus
+    assert _conditions(_plan(target, vm)) == [
+        ("web", "Blocking", "InvalidHardware", f"VM web: {why}; ask for less")
+    ]
+
+
+@pytest.mark.parametrize("mac, why", [
+    ("01:00:5e:00:00:01", "is a multicast address, which no NIC can have"),
+    ("ff:ff:ff:ff:ff:ff", "is the broadcast address, which no NIC can have"),
+    ("00:00:00:00:00:00", "is all zeros, which no NIC can have"),
+])
+def test_a_mac_no_nic_can_have_blocks(raw_disk: Path, target: Path, mac: str, why: str):
+    assert _conditions(_plan(target, _vm("web", raw_disk, macs=(mac,)))) == [(
+        "web", "Blocking", "InvalidMac",
+        f"VM web: {mac!r} {why}; pass the NIC's MAC with --mac, written as 00:50:56:aa:bb:cc",
+    )]
+
+
+def test_a_bad_mac_from_the_vmx_names_the_file_and_key(tmp_path: Path, target: Path):
+    disk, _ = _vmx_vm(tmp_path, 'ethernet0.generatedAddress = "01:0c:29:00:00:01"\n')
+    vm = controlplane_pb2.PlanVM(name="web", disks=[str(disk)])
+    assert _conditions(_plan(target, vm)) == [(
+        "web", "Blocking", "InvalidMac",
+        "VM web: web.vmx ethernet0.generatedAddress '01:0c:29:00:00:01' is a multicast "
+        "address, which no NIC can have; pass the NIC's MAC with --mac, written as "
+        "00:50:56:aa:bb:cc",
+    )]
+
+
+def test_a_huge_bad_mac_is_cut_in_the_message(raw_disk: Path, target: Path):
+    [(_, _, _, message)] = _conditions(_plan(target, _vm("web", raw_disk, macs=("z" * 5000,))))
+    assert len(message) < 400 and "zzz..." in message
+
+
+def test_the_same_mac_twice_blocks(raw_disk: Path, target: Path):
+    vm = _vm("web", raw_disk, macs=("00:50:56:00:00:01", "00:50:56:00:00:01"))
+    assert _conditions(_plan(target, vm)) == [(
+        "web", "Blocking", "DuplicateMac",
+        "VM web: the MAC 00:50:56:00:00:01 is used by two NICs (web too); give each NIC its "
+        "own MAC with --mac",
+    )]
+
+
+def test_the_same_disk_twice_blocks_also_through_a_symlink(raw_disk: Path, target: Path):
+    alias = raw_disk.parent / "alias.raw"
+    alias.symlink_to(raw_disk)
+    assert _conditions(_plan(target, _vm("web", raw_disk, raw_disk))) == [(
+        "web", "Blocking", "DuplicateDisk",
+        f"VM web: the disk {raw_disk} is given twice; give each disk once",
+    )]
+    assert _conditions(_plan(target, _vm("web", raw_disk, alias))) == [(
+        "web", "Blocking", "DuplicateDisk",
+        f"VM web: the disk {alias} (the same file as {raw_disk}) is given twice; "
+        "give each disk once",
+    )]

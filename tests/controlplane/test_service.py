@@ -4,6 +4,7 @@ with a gRPC client, against the real transferd."""
 from __future__ import annotations
 
 import asyncio
+import io
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from controlplane.migrate import drive_migration
 from controlplane.server import start
 from controlplane.store import Store
 from ferry.v1 import controlplane_pb2 as pb
@@ -31,7 +33,8 @@ def state_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def controlplane(state_dir: Path, transferd_addr: str) -> Iterator[pb_grpc.ControlPlaneStub]:
+def controlplane_address(state_dir: Path, transferd_addr: str) -> Iterator[str]:
+    """The real control plane on its own event loop thread, on a Unix socket."""
     workdir = tempfile.mkdtemp(prefix="ferry-cp-")
     address = f"unix:{workdir}/cp.sock"
     loop = asyncio.new_event_loop()
@@ -40,15 +43,22 @@ def controlplane(state_dir: Path, transferd_addr: str) -> Iterator[pb_grpc.Contr
     running = asyncio.run_coroutine_threadsafe(
         start(address, str(state_dir), transferd_addr, "unix:/nonexistent"), loop
     ).result(timeout=60)
-    channel = grpc.insecure_channel(address)
     try:
-        yield pb_grpc.ControlPlaneStub(channel)
+        yield address
     finally:
-        channel.close()
         asyncio.run_coroutine_threadsafe(running.stop(), loop).result(timeout=60)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def controlplane(controlplane_address: str) -> Iterator[pb_grpc.ControlPlaneStub]:
+    channel = grpc.insecure_channel(controlplane_address)
+    try:
+        yield pb_grpc.ControlPlaneStub(channel)
+    finally:
+        channel.close()
 
 
 def _plan(disks: list[Path], target: Path, name: str = "web") -> pb.Plan:
@@ -202,5 +212,74 @@ def test_stopping_the_control_plane_mid_copy_fails_the_migration_and_cleans_up(
         "control plane stopped during phase CopyDisks; start the migration again; "
         f"removed {target / 'big'}, which this migration had created"
     )
+    assert list(target.iterdir()) == []
+    assert qemu_nbd_serving(big_disk) == []
+
+
+@pytest.mark.parametrize("field, value", [
+    ("vms[0].disks", "/tmp/a\0b.raw"),
+    ("vms[0].disks", "/" + "d" * 100000),
+    ("local.directory", "/srv\0x"),
+    ("vms[0].name", "w" * 100000),
+])
+def test_nul_bytes_and_absurdly_long_strings_are_invalid_argument(
+    controlplane: pb_grpc.ControlPlaneStub, tmp_path: Path, field: str, value: str
+):
+    plan = _plan([tmp_path / "web.raw"], tmp_path)
+    if field == "vms[0].disks":
+        plan.vms[0].disks[0] = value
+    elif field == "local.directory":
+        plan.local.directory = value
+    else:
+        plan.vms[0].name = value
+    with pytest.raises(grpc.RpcError) as e:
+        controlplane.CreatePlan(pb.CreatePlanRequest(plan=plan))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = e.value.details() or ""
+    name = field.replace("[0]", "")
+    assert details.startswith(f"plan.{name} ")
+    assert "NUL byte" in details or "characters long (at most 4096)" in details
+    assert len(details) < 400
+    with pytest.raises(grpc.RpcError) as e:
+        controlplane.GetPlan(pb.GetPlanRequest(plan_id="x\0y"))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_absurd_memory_in_the_vmx_is_a_blocking_condition_not_an_internal_error(
+    controlplane: pb_grpc.ControlPlaneStub, tmp_path: Path
+):
+    disk = make_raw_with_mbr(tmp_path / "web.raw", data=False)
+    (tmp_path / "web.vmx").write_text('memsize = "99999999999"\nscsi0:0.fileName = "web.raw"\n')
+    plan = controlplane.CreatePlan(pb.CreatePlanRequest(plan=_plan([disk], tmp_path)))
+    assert [(c.category, c.type, c.message) for c in plan.conditions] == [(
+        "Blocking", "InvalidHardware",
+        "VM web: web.vmx memsize: 99999999999 MiB of memory is outside 64 MiB..4 TiB; "
+        f"fix memsize in {tmp_path / 'web.vmx'}",
+    )]
+
+
+def test_ctrl_c_during_create_and_start_cancels_the_migration_it_started(
+    controlplane_address: str, big_disk: Path, tmp_path: Path
+):
+    target = tmp_path / "out"
+    target.mkdir()
+    out = io.StringIO()
+
+    async def interrupted() -> None:
+        task = asyncio.create_task(
+            drive_migration(controlplane_address, _plan([big_disk], target, "big"), out)
+        )
+        await asyncio.sleep(0)  # CreatePlan is on its way
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(interrupted())
+    assert "migration cancelled: VM big: cancelled by the operator" in out.getvalue()
+    channel = grpc.insecure_channel(controlplane_address)
+    stub = pb_grpc.ControlPlaneStub(channel)
+    [plan] = stub.ListPlans(pb.ListPlansRequest()).plans
+    assert plan.name == "big"
+    channel.close()
     assert list(target.iterdir()) == []
     assert qemu_nbd_serving(big_disk) == []

@@ -50,8 +50,8 @@ def test_vmx_disks_in_controller_order_without_cdroms_or_absent_disks():
 
 def test_vmx_nics_use_static_address_when_static_and_skip_absent_ones():
     assert parse_vmx(VMX).nics == [
-        VmxNic(0, "00:0c:29:aa:bb:01", "VM Network", "vmxnet3"),
-        VmxNic(1, "00:50:56:00:00:02", "backup", "e1000"),
+        VmxNic(0, "00:0c:29:aa:bb:01", "VM Network", "vmxnet3", "ethernet0.generatedAddress"),
+        VmxNic(1, "00:50:56:00:00:02", "backup", "e1000", "ethernet1.address"),
     ]
 
 

@@ -115,3 +115,60 @@ def test_non_debian_linux_is_refused(tmp_path: Path):
     assert "VM db01: the guest on" in (err.details() or "")
     assert "is fedora" in (err.details() or "")
     assert "Debian-family guests" in (err.details() or "")
+
+
+@pytest.mark.parametrize("req, named", [
+    (converter_pb2.ConvertRequest(disk_paths=["/tmp/a\0b.raw"], vm="vm1"),
+     "VM vm1: disk_paths[0] '/tmp/a\\x00b.raw' contains a NUL byte; pass plain text"),
+    (converter_pb2.ConvertRequest(disk_paths=["/d.raw"], vm="vm\0"),
+     "the VM name 'vm\\x00' contains a NUL byte; pass plain text"),
+    (converter_pb2.ConvertRequest(disk_paths=["/d.raw"], vm="vm1", plan="y" * 100_000),
+     "VM vm1: plan 'yyy"),
+    (converter_pb2.ConvertRequest(disk_paths=["/d.raw"], vm="vm1", nics=[
+        converter_pb2.TargetNic(mac="52:54:00:12:34:56", guest_name="e\0")]),
+     "VM vm1: nics[0].guest_name 'e\\x00' contains a NUL byte"),
+    (converter_pb2.ConvertRequest(disk_paths=["/d.raw"], vm="vm1", nics=[
+        converter_pb2.TargetNic(mac="52:54:00:12:34:56"),
+        converter_pb2.TargetNic(mac="52:54:00:12:34:56:78")]),
+     "VM vm1: target NIC MAC '52:54:00:12:34:56:78' (nics[1]) is not a MAC address"),
+])
+def test_nul_bytes_long_fields_and_bad_macs_are_invalid_argument(
+    tmp_path: Path, req: converter_pb2.ConvertRequest, named: str
+):
+    err = asyncio.run(_convert(str(tmp_path / "c.sock"), req))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (err.details() or "").startswith(named)
+    assert len(err.details() or "") < 500
+
+
+def test_inspect_with_a_nul_byte_is_invalid_argument(tmp_path: Path):
+    async def inspect() -> grpc.aio.AioRpcError:
+        sock = f"unix:{tmp_path / 'c.sock'}"
+        server, _ = await start(sock)
+        try:
+            async with grpc.aio.insecure_channel(sock) as ch:
+                stub = converter_pb2_grpc.ConverterServiceStub(ch)
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await stub.Inspect(converter_pb2.InspectRequest(disk_paths=["x\0"]))
+                return e.value
+        finally:
+            await server.stop(None)
+
+    err = asyncio.run(inspect())
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (err.details() or "").startswith("disk_paths[0] 'x\\x00' contains a NUL byte")
+
+
+def test_qcow2_with_missing_backing_file_is_failed_precondition(tmp_path: Path):
+    base, top = tmp_path / "base.qcow2", tmp_path / "disk0.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "16M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+                    str(top)], check=True)
+    base.unlink()
+    err = asyncio.run(_convert(
+        str(tmp_path / "c.sock"), converter_pb2.ConvertRequest(disk_paths=[str(top)], vm="vm1"),
+    ))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert (err.details() or "").startswith(
+        f"VM vm1: disk {top}'s backing file {base} is missing; restore it, or give a "
+        "self-contained copy")

@@ -103,14 +103,6 @@ def test_booting_leaves_the_cached_vmdk_unchanged(esxi_boot):
     assert before == after
 
 
-@pytest.mark.guest
-def test_unconverted_guest_cannot_find_root_on_virtio(guest):
-    """The premise of the converter tests: this initramfs has no virtio drivers."""
-    result = boot_guest(guest.vmdk, "virtio", guest.mac)
-    assert result.gave_up
-    assert result.marker is None
-
-
 # --- fast tests of the pure parts ----------------------------------------------
 
 IP_ADDR = [
