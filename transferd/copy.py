@@ -43,9 +43,25 @@ def parse_size(text: str) -> int:
     value = text.strip().upper().removesuffix("B").removesuffix("I")
     unit = value[-1:] if value[-1:] in UNITS else ""
     number = value[: len(value) - len(unit)]
-    if not number.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size; pass e.g. 2097152 or 2M")
-    return int(number) * UNITS[unit]
+    if not number.isdigit() or len(number) > 20:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a size; pass e.g. 2097152 or 2M")
+    size = int(number) * UNITS[unit]
+    if size >= 1 << 64:
+        raise argparse.ArgumentTypeError(f"{text!r} is far too large; pass e.g. 2M")
+    return size
+
+
+def parse_count(text: str) -> int:
+    """A count of things (requests, connections): 0 for the default or more;
+    the option's own range is checked with the other options."""
+    if not text.strip().isdigit() or len(text.strip()) > 10:
+        raise argparse.ArgumentTypeError(
+            f"{text[:40]!r} is not a whole number of 0 or more; pass e.g. 16, or 0 for the default"
+        )
+    value = int(text)
+    if value >= 1 << 32:
+        raise argparse.ArgumentTypeError(f"{text!r} is far too large; pass e.g. 16")
+    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,9 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="compare block hashes of source and target after the copy")
     p.add_argument("--request-size", type=parse_size, default=0,
                    help="largest read, e.g. 2M (default: the profile's)")
-    p.add_argument("--requests", type=int, default=0,
+    p.add_argument("--requests", type=parse_count, default=0,
                    help="requests in flight per connection (default 16)")
-    p.add_argument("--connections", type=int, default=0,
+    p.add_argument("--connections", type=parse_count, default=0,
                    help="NBD connections; more than one only if the server allows multi-conn")
     p.add_argument("--profile", default="", help="source profile: default or vddk")
     p.add_argument("--direct", action="store_true",

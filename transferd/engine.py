@@ -222,6 +222,10 @@ async def copy(
         if on_done is not None:
             on_done(offset, length)
 
+    # Buffers handed to tasks and not yet given back: a task cancelled
+    # before it ran cannot give its buffer back itself.
+    lent: dict[int, mmap.mmap] = {}
+
     async def read_write(offset: int, length: int, buf: mmap.mmap) -> None:
         view = memoryview(buf)[:length]
         reusable = False
@@ -239,6 +243,7 @@ async def copy(
         finally:
             slots.release()
             progress.inflight_bytes -= length
+            del lent[id(buf)]
             # A buffer whose read failed or was cancelled may still be filled
             # later by libnbd or a write thread: it is dropped, never reused.
             await (pool.put(buf) if reusable else pool.discard(buf))
@@ -253,20 +258,27 @@ async def copy(
         finally:
             slots.release()
 
-    async with asyncio.TaskGroup() as tg:
-        tg.create_task(_planned_steps(source, target, plan, ahead))
-        while (steps := await ahead.get()) is not None:
-            for step in steps:
-                if step.action is extents.Action.SKIP:
-                    progress.add("skipped", step.length)
-                elif step.action is extents.Action.ZERO:
-                    await slots.acquire()
-                    tg.create_task(zero(step.offset, step.length))
-                else:
-                    for off, n in extents.split(step.offset, step.length, tuning.request_size):
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(_planned_steps(source, target, plan, ahead))
+            while (steps := await ahead.get()) is not None:
+                for step in steps:
+                    if step.action is extents.Action.SKIP:
+                        progress.add("skipped", step.length)
+                    elif step.action is extents.Action.ZERO:
                         await slots.acquire()
-                        await budget.acquire(n)
-                        buf = await pool.get(tuning.request_size)
-                        progress.inflight_bytes += n
-                        tg.create_task(read_write(off, n, buf))
+                        tg.create_task(zero(step.offset, step.length))
+                    else:
+                        for off, n in extents.split(step.offset, step.length, tuning.request_size):
+                            await slots.acquire()
+                            await budget.acquire(n)
+                            buf = await pool.get(tuning.request_size)
+                            lent[id(buf)] = buf
+                            progress.inflight_bytes += n
+                            tg.create_task(read_write(off, n, buf))
+    finally:
+        # A task cancelled before it ran never counted itself out.
+        progress.inflight = progress.inflight_bytes = 0
+        for buf in lent.values():
+            await pool.discard(buf)
     await target.finish()

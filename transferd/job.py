@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ferry import errors
+from ferry.rpc import shown
 from ferry.v1 import transfer_pb2 as pb
 from transferd import checksum, engine, extents, journal
 from transferd.sources.nbd import NbdSource, check_uri
@@ -65,7 +66,7 @@ def tuning_from(options: pb.TransferOptions,
     profile = PROFILES.get(profile_name)
     if profile is None:
         raise errors.InvalidInput(
-            f"{flag('profile')} {options.profile!r} is unknown; pass one of "
+            f"{flag('profile')} {shown(options.profile)!r} is unknown; pass one of "
             f"{', '.join(sorted(PROFILES))}"
         )
     request_size = options.request_size or profile.request_size
@@ -268,6 +269,7 @@ class Job:
         try:
             await engine.copy(self.source, self.target, self.spec.tuning, self.progress,
                               self.plan, on_done=self.journal.record, buffers=self.buffers)
+            self._check_complete()
         except BaseException:
             checkpoints.cancel()
             # What was written before the failure stays journaled for a resume.
@@ -278,6 +280,17 @@ class Job:
             checkpoints.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await checkpoints
+
+    def _check_complete(self) -> None:
+        """The copy returned: refuses to call it done unless every planned
+        byte was handled and every byte read was written."""
+        p = self.progress
+        if p.done != p.planned or p.written != p.read:
+            raise errors.OperationFailed(
+                f"the copy of {self.spec.source_uri} to {self.spec.target_path} stopped "
+                f"early: {p.done} of {p.planned} planned bytes handled, {p.read} read but "
+                f"{p.written} written; the target is incomplete, run the transfer again"
+            )
 
     def finish(self) -> None:
         """The transfer is complete: its journal has no more use."""

@@ -66,16 +66,17 @@ class TransferMetrics:
         """Serves /metrics on host:port (port 0 picks one); returns the
         server and its port."""
         host, sep, port = listen.rpartition(":")
-        if not sep or not port.isdigit():
+        if not sep or not port.isdigit() or len(port) > 5 or int(port) > 65535:
             raise errors.InvalidInput(
-                f"metrics address {listen!r} is not host:port; pass e.g. 127.0.0.1:9401, "
-                "or an empty value to disable metrics"
+                f"metrics address {listen[:200]!r} is not host:port (a port is 0..65535); "
+                "pass e.g. 127.0.0.1:9401, or an empty value to disable metrics"
             )
         try:
             server, _ = start_http_server(int(port), host.strip("[]") or "0.0.0.0",
                                           registry=self.registry)
-        except OSError as e:
+        except (OSError, ValueError) as e:  # ValueError: a host that is no name
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             raise errors.InvalidInput(
-                f"cannot serve metrics on {listen!r}: {e.strerror}; pass a free host:port"
+                f"cannot serve metrics on {listen[:200]!r}: {reason}; pass a free host:port"
             ) from e
         return server, int(server.server_port)

@@ -63,7 +63,11 @@ async def start(listen: str, metrics_listen: str = "",
             metrics_server.shutdown()
             metrics_server.server_close()
         raise
-    log.info("transferd listening on %s (metrics: %s)", listen, metrics_listen or "off")
+    # Port 0 picks a free port: the log says which one was bound.
+    shown = listen if listen.startswith("unix:") else f"{listen.rpartition(':')[0]}:{port}"
+    metrics_shown = (f"http://{metrics_listen.rpartition(':')[0]}:{metrics_port}/metrics"
+                     if metrics_server is not None else "off")
+    log.info("transferd listening on %s (metrics: %s)", shown, metrics_shown)
     return RunningServer(server, port, service, metrics_server, metrics_port)
 
 

@@ -16,15 +16,16 @@ import stat
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ferry import errors
 from ferry.logs import ContextLogger, context_logger
+from ferry.rpc import check_strings, shown
 from ferry.v1 import transfer_pb2 as pb
 from ferry.v1 import transfer_pb2_grpc as pb_grpc
 from transferd import checksum, engine
@@ -34,6 +35,7 @@ from transferd.sources.nbd import NbdSource
 from transferd.targets.block import device_size
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 State = pb.TransferState
 FINAL = (State.TRANSFER_STATE_SUCCEEDED, State.TRANSFER_STATE_FAILED,
@@ -69,6 +71,7 @@ class _Record:
     started_at: float = field(default_factory=time.time)
     finished_at: float | None = None
     task: asyncio.Task[None] | None = None
+    cancelling: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     def to_proto(self) -> pb.Transfer:
@@ -137,7 +140,7 @@ class TransferService(pb_grpc.TransferServiceServicer):  # type: ignore[misc]
         rec = self._records.get(transfer_id)
         if rec is None:
             raise errors.NotFound(
-                f"transfer {transfer_id!r} does not exist on this transferd (ids do not "
+                f"transfer {shown(transfer_id)!r} does not exist on this transferd (ids do not "
                 "survive a restart); list transfers with ListTransfers"
             )
         return rec
@@ -165,6 +168,7 @@ class TransferService(pb_grpc.TransferServiceServicer):  # type: ignore[misc]
     async def StartTransfer(
         self, request: pb.StartTransferRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.Transfer:
+        check_strings(request)
         transfer_id = request.transfer_id or uuid.uuid4().hex
         if len(transfer_id) > MAX_ID_LENGTH:
             raise errors.InvalidInput(
@@ -193,15 +197,21 @@ class TransferService(pb_grpc.TransferServiceServicer):  # type: ignore[misc]
         self._busy_targets[path] = transfer_id
         progress = engine.Progress(on_bytes=self._metrics.count_bytes)
         try:
-            job = await Job.open(spec, progress, on_retry=self._retried(progress))
+            job = await self._open(spec, progress)
         except BaseException:
             del self._busy_targets[path]
             raise
-        job.buffers = self._buffers
+        opened = self._running < self._max_transfers
+        if not opened:
+            # A transfer that will wait holds no NBD connection and no target
+            # file meanwhile: everything was checked, it opens again on its turn.
+            await _to_the_end(job.abort())
+            await _to_the_end(job.close())
         existing = self._existing(transfer_id, request)
         if existing is not None:  # the same start raced this one and won
-            await job.abort()
-            await job.close()
+            if opened:
+                await job.abort()
+                await job.close()
             del self._busy_targets[path]
             return existing.to_proto()
         labels = request.labels
@@ -226,7 +236,7 @@ class TransferService(pb_grpc.TransferServiceServicer):  # type: ignore[misc]
             request.source_uri, path, progress.size, progress.planned, progress.resumed,
             tuning.request_size, tuning.max_requests, job.connections,
         )
-        rec.task = asyncio.create_task(self._run(rec, admitted))
+        rec.task = asyncio.create_task(self._run(rec, admitted, opened))
         return rec.to_proto()
 
     async def _wait_turn(self) -> None:
@@ -254,39 +264,63 @@ class TransferService(pb_grpc.TransferServiceServicer):  # type: ignore[misc]
             self._metrics.retries.inc()
         return count
 
-    async def _run(self, rec: _Record, admitted: bool) -> None:
+    async def _open(self, spec: Spec, progress: engine.Progress) -> Job:
+        job = await Job.open(spec, progress, on_retry=self._retried(progress))
+        job.buffers = self._buffers
+        return job
+
+    async def _run(self, rec: _Record, admitted: bool, opened: bool) -> None:
+        """Runs the transfer to its final state; `opened` says whether its
+        job still holds the source and the target (a job that was to wait
+        was closed and is opened again here)."""
         job = rec.job
-        state = State.TRANSFER_STATE_SUCCEEDED
+        # FAILED until the copy (and verify) really completed: nothing but
+        # that path may record SUCCEEDED.
+        state = State.TRANSFER_STATE_FAILED
         try:
-            if not admitted:
-                await self._wait_turn()
-                admitted = True
-                self._set_state(rec, State.TRANSFER_STATE_RUNNING)
-                rec.progress.started = time.monotonic()
-                rec.started_at = time.time()
-            await job.run()
-        except asyncio.CancelledError:
-            note = await job.abort()
-            rec.error = f"cancelled by the operator; {note}"
-            state = State.TRANSFER_STATE_CANCELLED
-        except Exception as group:  # every failure ends the transfer
-            e = first_error(group)
-            note = await job.abort()
-            if isinstance(e, errors.FerryError | OSError):
-                rec.error = f"{e}; {note}"
-            else:
-                rec.log.error("transfer failed on an unexpected error", exc_info=e)
-                rec.error = f"internal error in transferd: {e!r}; {note}"
-            state = State.TRANSFER_STATE_FAILED
+            try:
+                if not admitted:
+                    await self._wait_turn()
+                    admitted = True
+                    self._set_state(rec, State.TRANSFER_STATE_RUNNING)
+                    rec.progress.started = time.monotonic()
+                    rec.started_at = time.time()
+                if not opened:
+                    rec.job = job = await self._open(job.spec, rec.progress)
+                    opened = True
+                await job.run()
+                state = State.TRANSFER_STATE_SUCCEEDED
+            except asyncio.CancelledError:
+                note = await _to_the_end(job.abort()) if opened else "nothing was written"
+                rec.error = f"cancelled by the operator; {note}"
+                state = State.TRANSFER_STATE_CANCELLED
+            except Exception as group:  # every failure ends the transfer
+                e = first_error(group)
+                note = await _to_the_end(job.abort()) if opened else "nothing was written"
+                if isinstance(e, errors.FerryError | OSError):
+                    rec.error = f"{e}; {note}"
+                else:
+                    rec.log.error("transfer failed on an unexpected error", exc_info=e)
+                    rec.error = f"internal error in transferd: {e!r}; {note}"
         finally:
-            # Closed before the final state shows, so a watcher that sees it
-            # can reuse the source and the target at once.
-            await job.close()
-            self._busy_targets.pop(rec.request.target_path, None)
-            self._finish(rec, state)
-            if admitted:
-                self._leave()
-            rec.done.set()
+            try:
+                # Closed before the final state shows, so a watcher that sees
+                # it can reuse the source and the target at once.
+                if opened:
+                    await _to_the_end(job.close())
+            finally:
+                self._busy_targets.pop(rec.request.target_path, None)
+                self._finish(rec, state)
+                if admitted:
+                    self._leave()
+                rec.done.set()
+
+    def _cancel(self, rec: _Record) -> None:
+        """Cancels the transfer's task once: a second cancel landing while
+        the first one cleans up would cut the cleanup short."""
+        if rec.task is not None and not rec.cancelling:
+            rec.cancelling = True
+            rec.task.cancel()
 
     def _finish(self, rec: _Record, state: int) -> None:
         rec.progress.finished = time.monotonic()
@@ -336,14 +370,15 @@ class TransferService(pb_grpc.TransferServiceServicer):  # type: ignore[misc]
             raise errors.FailedPrecondition(
                 f"transfer {rec.id} already {_state_name(rec.state)}; there is nothing to cancel"
             )
-        if rec.task is not None:
-            rec.task.cancel()
-        await rec.done.wait()
+        self._cancel(rec)
+        # Every caller waits for the one cancel and sees the same result.
+        await asyncio.shield(rec.done.wait())
         return rec.to_proto()
 
     async def Checksum(
         self, request: pb.ChecksumRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ChecksumResponse:
+        check_strings(request)
         if bool(request.source_uri) == bool(request.path):
             raise errors.InvalidInput(
                 "pass exactly one of source_uri (an NBD URI) and path (a file or block device)"
@@ -362,19 +397,47 @@ class TransferService(pb_grpc.TransferServiceServicer):  # type: ignore[misc]
             finally:
                 await source.close()
         else:
+            self._check_known_target(request.path)
             result = await asyncio.get_running_loop().run_in_executor(
                 None, _path_checksum, request.path, request.size)
         return pb.ChecksumResponse(algorithm=result.algorithm, block_size=result.block_size,
                                    size=result.size, digest=result.digest)
 
+    def _check_known_target(self, path: str) -> None:
+        """Checksum hashes only targets of transfers this daemon knows:
+        transferd may read files its callers may not, and the hash of any
+        readable file's first bytes would let them guess its content."""
+        real = os.path.realpath(path)
+        for rec in self._records.values():
+            target = rec.request.target_path
+            if path == target or real == os.path.realpath(target):
+                return
+        raise errors.InvalidInput(
+            f"path {shown(path)} is not the target of a transfer on this transferd; "
+            "Checksum hashes only such targets (ids and targets do not survive a "
+            "restart): pass the target_path of a transfer, or hash a source with source_uri"
+        )
+
     async def shutdown(self) -> None:
         """Cancels running transfers so targets they created are removed."""
         running = [r for r in self._records.values() if not r.done.is_set()]
         for rec in running:
-            if rec.task is not None:
-                rec.task.cancel()
+            self._cancel(rec)
         for rec in running:
             await rec.done.wait()
+
+
+async def _to_the_end(work: Coroutine[Any, Any, T]) -> T:
+    """Runs a transfer's cleanup to its end even if the task is cancelled
+    meanwhile: the task is ending anyway, and a cleanup cut short would
+    leave the target, the journal and the transfer's state behind."""
+    task = asyncio.ensure_future(work)
+    while True:
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                raise
 
 
 def _path_checksum(path: str, size: int) -> checksum.Checksum:

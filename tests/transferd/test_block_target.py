@@ -109,7 +109,7 @@ def test_block_device_gets_data_and_zeroes_not_skips(
     assert final.state == pb.TransferState.TRANSFER_STATE_SUCCEEDED, final.error
     assert final.progress.bytes_verified == SOURCE_SIZE
     of_device = transferd.stub.Checksum(pb.ChecksumRequest(path=dev, size=SOURCE_SIZE))
-    of_image = transferd.stub.Checksum(pb.ChecksumRequest(path=str(image)))
+    of_image = transferd.stub.Checksum(pb.ChecksumRequest(source_uri=source.uri))
     assert final.checksum == f"blake2b-256-blocks:{of_image.digest}" == \
         f"blake2b-256-blocks:{of_device.digest}"
     assert os.listdir(state_dir / "transferd-journals") == []  # removed once complete

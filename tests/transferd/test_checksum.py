@@ -73,19 +73,28 @@ def test_holes_and_written_zeros_hash_alike_and_one_byte_differs(tmp_path: Path)
     assert checksum.path_checksum(str(sparse), size) != checksum.path_checksum(str(dense), size)
 
 
-def test_checksum_rpc_hashes_a_source_and_a_path_comparably(
+def test_checksum_rpc_hashes_a_source_and_a_target_comparably(
     transferd: Transferd, tmp_path: Path
 ):
     image = sparse_file(tmp_path / "d.img", 10 * MiB, [(MiB, MiB)])
+    target = tmp_path / "out.img"
     with NbdServer.qemu(image, tmp_path / "nbd.sock") as server:
         of_source = transferd.stub.Checksum(pb.ChecksumRequest(source_uri=server.uri))
-    of_path = transferd.stub.Checksum(pb.ChecksumRequest(path=str(image)))
+        started = transferd.stub.StartTransfer(pb.StartTransferRequest(
+            source_uri=server.uri, target_path=str(target)))
+        assert wait_final(transferd.stub, started.id).state == S.TRANSFER_STATE_SUCCEEDED
+    of_path = transferd.stub.Checksum(pb.ChecksumRequest(path=str(target)))
     assert of_source == of_path
     assert of_path.size == 10 * MiB
     assert of_path.block_size == checksum.BLOCK_SIZE
     assert len(of_path.digest) == 64
-    first_half = transferd.stub.Checksum(pb.ChecksumRequest(path=str(image), size=5 * MiB))
+    first_half = transferd.stub.Checksum(pb.ChecksumRequest(path=str(target), size=5 * MiB))
     assert first_half.digest != of_path.digest
+    target.unlink()
+    with pytest.raises(grpc.RpcError) as e:
+        transferd.stub.Checksum(pb.ChecksumRequest(path=str(target)))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert f"{target} does not exist" in details(e.value)
 
 
 @pytest.mark.parametrize(
@@ -94,10 +103,11 @@ def test_checksum_rpc_hashes_a_source_and_a_path_comparably(
         (pb.ChecksumRequest(), grpc.StatusCode.INVALID_ARGUMENT, "pass exactly one"),
         (pb.ChecksumRequest(source_uri="nbd://h/", path="/x"),
          grpc.StatusCode.INVALID_ARGUMENT, "pass exactly one"),
-        (pb.ChecksumRequest(path="/nonexistent/d.img"), grpc.StatusCode.NOT_FOUND,
-         "/nonexistent/d.img does not exist"),
+        (pb.ChecksumRequest(path="/nonexistent/d.img"), grpc.StatusCode.INVALID_ARGUMENT,
+         "path /nonexistent/d.img is not the target of a transfer on this transferd"),
         (pb.ChecksumRequest(path="/etc/hostname", size=1 << 40),
-         grpc.StatusCode.INVALID_ARGUMENT, "is beyond the end of /etc/hostname"),
+         grpc.StatusCode.INVALID_ARGUMENT,
+         "path /etc/hostname is not the target of a transfer on this transferd"),
     ],
 )
 def test_checksum_rpc_refuses_bad_requests(

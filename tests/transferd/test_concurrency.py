@@ -112,3 +112,34 @@ def test_connections_beyond_one_only_with_multi_conn(
     assert final.state == S.TRANSFER_STATE_SUCCEEDED, final.error
     assert final.options.connections == want
     assert (tmp_path / "o.img").read_bytes() == image.read_bytes()
+
+
+def test_pending_transfer_holds_no_connection_and_no_target_until_its_turn(
+    one_at_a_time: Transferd, image: Path, tmp_path: Path
+):
+    """The waiting transfer's qemu-nbd (not --persistent) exits once its
+    client left; served again, the transfer copies when its turn comes."""
+    td = one_at_a_time
+    sock = tmp_path / "pending.sock"
+    argv = ["qemu-nbd", "--read-only", "--shared=8", "--format=raw", f"--socket={sock}",
+            str(image)]
+    target = tmp_path / "b.img"
+    with NbdServer.nbdkit(image, tmp_path / "slow.sock", "delay",
+                          params=("rdelay=1000ms",)) as slow:
+        first = td.stub.StartTransfer(pb.StartTransferRequest(
+            source_uri=slow.uri, target_path=str(tmp_path / "a.img"),
+            options=pb.TransferOptions(request_size=MiB, max_requests=1)))
+        once = NbdServer(argv, sock)
+        second = td.stub.StartTransfer(pb.StartTransferRequest(
+            source_uri=once.uri, target_path=str(target)))
+        assert second.state == S.TRANSFER_STATE_PENDING
+        assert once.proc.wait(timeout=30) == 0  # its only client disconnected
+        assert not target.exists()
+        sock.with_suffix(".pid").unlink()
+        with NbdServer([*argv[:1], "--persistent", *argv[1:]], sock):
+            td.stub.CancelTransfer(pb.CancelTransferRequest(transfer_id=first.id))
+            final = wait_final(td.stub, second.id)
+
+    assert final.state == S.TRANSFER_STATE_SUCCEEDED, final.error
+    assert final.progress.bytes_planned == image.stat().st_size
+    assert target.read_bytes() == image.read_bytes()

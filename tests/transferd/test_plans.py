@@ -142,7 +142,9 @@ def test_missing_dirty_bitmap_is_refused(
     transferd: Transferd, tmp_path: Path, bitmapped: tuple[Path, Path]
 ):
     _, target = bitmapped
-    with NbdServer.qemu(target, tmp_path / "nbd.sock") as server, \
+    plain = tmp_path / "plain.img"  # a source without bitmaps (not the target itself)
+    plain.write_bytes(target.read_bytes())
+    with NbdServer.qemu(plain, tmp_path / "nbd.sock") as server, \
             pytest.raises(grpc.RpcError) as e:
         transferd.stub.StartTransfer(pb.StartTransferRequest(
             source_uri=server.uri, target_path=str(target), dirty_bitmap="b0"))

@@ -22,6 +22,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import nbd
 
 from ferry import errors
+from ferry.rpc import shown
 from transferd.extents import (
     Extent,
     Kind,
@@ -48,23 +49,23 @@ def check_uri(uri: str) -> None:
     parts = urlsplit(uri)
     if parts.scheme not in SCHEMES:
         raise errors.InvalidInput(
-            f"source {uri!r} is not an NBD URI (scheme {parts.scheme!r}); pass "
+            f"source {shown(uri)!r} is not an NBD URI (scheme {parts.scheme!r}); pass "
             "nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH"
         )
     if parts.scheme.endswith("+unix"):
         sockets = parse_qs(parts.query).get("socket", [])
         if len(sockets) != 1 or not sockets[0]:
             raise errors.InvalidInput(
-                f"source {uri!r} names no socket; add ?socket=PATH to the URI"
+                f"source {shown(uri)!r} names no socket; add ?socket=PATH to the URI"
             )
         path = unquote(sockets[0])
         if not os.path.exists(path):
             raise errors.NotFound(
                 f"source socket {path} does not exist; start the NBD server "
-                f"(nbdkit, qemu-nbd) on it or fix source_uri {uri!r}"
+                f"(nbdkit, qemu-nbd) on it or fix source_uri {shown(uri)!r}"
             )
     elif not parts.hostname:
-        raise errors.InvalidInput(f"source {uri!r} names no host; pass nbd://HOST[:PORT]/EXPORT")
+        raise errors.InvalidInput(f"source {shown(uri)!r} names no host; pass nbd://HOST[:PORT]/EXPORT")
 
 
 class _Connection:

@@ -7,8 +7,10 @@ the path is.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
+import struct
 
 from ferry import errors
 from transferd.targets.block import BlockTarget
@@ -44,6 +46,33 @@ def check_target(path: str) -> None:
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         raise errors.InvalidInput(
             f"target {path} is neither a regular file nor a block device; pass one of those"
+        )
+    check_unlocked(path)
+
+
+# struct flock on Linux: l_type, l_whence, l_start, l_len, l_pid (+ padding).
+_FLOCK = "hhqqi4x"
+
+
+def check_unlocked(path: str) -> None:
+    """Refuses a target another process holds a byte-range lock on: qemu
+    and qemu-nbd lock the image files they have open (even read-only), so
+    this catches a target that is also the disk being served as the source,
+    or one a running VM uses. Probed with F_OFD_GETLK, which takes no lock."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return  # opening it for writing later says what is wrong
+    try:
+        probe = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        got = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, probe)
+    finally:
+        os.close(fd)
+    if struct.unpack(_FLOCK, got)[0] != fcntl.F_UNLCK:
+        raise errors.FailedPrecondition(
+            f"target {path} is in use by another process (qemu-nbd/qemu holds a lock on "
+            "it); stop the process using it, or choose another target_path (a disk served "
+            "as the source cannot be its own target)"
         )
 
 
