@@ -4,7 +4,6 @@ real transferd on a Unix socket."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import shutil
 import subprocess
@@ -87,9 +86,3 @@ def qemu_nbd_serving(path: Path) -> list[int]:
     return pids
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()

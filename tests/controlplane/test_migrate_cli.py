@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.controlplane.conftest import make_raw_with_mbr, qemu_nbd_serving, sha256_of
+from tests.controlplane.conftest import make_raw_with_mbr, qemu_nbd_serving
+from tests.files import sha256_of
 
 FERRY = str(Path(sys.executable).parent / "ferry")
 

@@ -26,7 +26,8 @@ from controlplane.store import Store
 from controlplane.targets.local import LocalTarget, VMSpec
 from ferry import errors
 from ferry.v1 import controlplane_pb2, transfer_pb2, transfer_pb2_grpc
-from tests.controlplane.conftest import make_raw_with_mbr, qemu_img, qemu_nbd_serving, sha256_of
+from tests.controlplane.conftest import make_raw_with_mbr, qemu_img, qemu_nbd_serving
+from tests.files import sha256_of
 
 M = controlplane_pb2.MigrationState
 

@@ -22,7 +22,8 @@ from controlplane.server import start
 from controlplane.store import Store
 from ferry.v1 import controlplane_pb2 as pb
 from ferry.v1 import controlplane_pb2_grpc as pb_grpc
-from tests.controlplane.conftest import make_raw_with_mbr, qemu_nbd_serving, sha256_of
+from tests.controlplane.conftest import make_raw_with_mbr, qemu_nbd_serving
+from tests.files import sha256_of
 
 M = pb.MigrationState
 

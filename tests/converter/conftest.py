@@ -4,7 +4,6 @@ conversion of the test guest."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ import pytest
 from converter.report import to_json
 from converter.server import start
 from ferry.v1 import converter_pb2, converter_pb2_grpc
+from tests.files import sha256_of
 
 
 @pytest.fixture(scope="session")
@@ -69,12 +69,6 @@ class Converted:
     seconds: float
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 async def convert_over_grpc(
@@ -120,7 +114,7 @@ def converted_guest(tmp_path_factory: pytest.TempPathFactory) -> Converted:
 
     guest = ensure_guest_image()
     vmdk = Path(guest.vmdk)
-    before = sha256(vmdk)
+    before = sha256_of(vmdk)
     work = tmp_path_factory.mktemp("converted")
     disk = work / "disk0.raw"
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(vmdk), str(disk)], check=True)

@@ -17,7 +17,8 @@ from converter.linux.grub import linux_roots
 from converter.linux.initramfs import has_file
 from converter.linux.network import link_file
 from converter.linux.vmware_tools import package_states
-from tests.converter.conftest import KVM_MAC, Converted, inspect_over_grpc, sha256
+from tests.converter.conftest import KVM_MAC, Converted, inspect_over_grpc
+from tests.files import sha256_of
 
 pytestmark = pytest.mark.guest
 
@@ -123,7 +124,7 @@ def test_report_lists_the_changes(converted_guest: Converted):
 
 
 def test_source_vmdk_is_unchanged(converted_guest: Converted):
-    assert sha256(Path(converted_guest.guest.vmdk)) == converted_guest.source_sha256
+    assert sha256_of(Path(converted_guest.guest.vmdk)) == converted_guest.source_sha256
 
 
 def test_converted_guest_boots_on_virtio_with_its_network(converted_guest: Converted):

@@ -6,7 +6,6 @@ interface name and static address; the unconverted copy must not."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
 import json
 import subprocess
@@ -19,6 +18,7 @@ import pytest
 
 from controlplane.migrate import build_plan, drive_migration, local_services
 from ferry.v1 import controlplane_pb2
+from tests.files import sha256_of
 from tests.guest.boot import BootResult, boot_guest
 from tests.guest.image import GuestImage, ensure_guest_image
 
@@ -27,12 +27,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.guest]
 M = controlplane_pb2.MigrationState
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -49,7 +43,7 @@ def guest() -> GuestImage:
 
 @pytest.fixture(scope="module")
 def source_digest(guest: GuestImage) -> str:
-    return sha256(guest.vmdk)
+    return sha256_of(guest.vmdk)
 
 
 @pytest.fixture(scope="module")
@@ -155,4 +149,4 @@ def test_converted_guest_boots_on_virtio_with_its_network(
 def test_source_vmdk_is_unchanged(
     guest: GuestImage, source_digest: str, unconverted: Migrated, converted: Migrated
 ) -> None:
-    assert sha256(guest.vmdk) == source_digest
+    assert sha256_of(guest.vmdk) == source_digest

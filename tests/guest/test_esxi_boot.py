@@ -8,12 +8,12 @@ The parser tests at the end are fast and need no qemu.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
+from tests.files import sha256_of
 from tests.guest.boot import (
     BootResult,
     boot_guest,
@@ -23,14 +23,6 @@ from tests.guest.boot import (
     qemu_command,
 )
 from tests.guest.image import GuestImage, build_key, ensure_guest_image
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ and bad input that once came back as a traceback or an internal error."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import re
 import signal
@@ -19,6 +18,7 @@ import pytest
 
 from ferry.v1 import transfer_pb2 as pb
 from ferry.v1 import transfer_pb2_grpc as pb_grpc
+from tests.files import sha256_of
 from tests.transferd.conftest import MiB, NbdServer, Transferd, details, wait_final
 from transferd.service import _to_the_end
 
@@ -32,8 +32,6 @@ def dense_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_concurrent_cancels_all_return_cancelled_and_sigterm_still_stops(
@@ -122,7 +120,7 @@ def test_target_that_qemu_nbd_serves_as_the_source_is_refused(
                    check=True)
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 1M", str(victim)],
                    check=True, stdout=subprocess.DEVNULL)
-    before = sha256(victim)
+    before = sha256_of(victim)
     sock = tmp_path / "nbd.sock"
     argv = ["qemu-nbd", "--read-only", "--persistent", "--format=qcow2",
             f"--socket={sock}", str(victim)]
@@ -138,7 +136,7 @@ def test_target_that_qemu_nbd_serves_as_the_source_is_refused(
         f"target {victim} is in use by another process (qemu-nbd/qemu holds a lock on it)")
     assert copied.returncode == 2
     assert f"target {victim} is in use by another process" in copied.stderr
-    assert sha256(victim) == before
+    assert sha256_of(victim) == before
 
 
 def test_checksum_of_a_file_that_is_no_transfer_target_is_refused(
