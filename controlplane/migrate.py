@@ -401,9 +401,12 @@ def summary(migration: controlplane_pb2.Migration) -> list[str]:
         out.append(f"  libvirt XML:       {vm.libvirt_xml_file}")
         if vm.report_file:
             out.append(f"  conversion report: {vm.report_file}")
+            out.append(f"  boot it with:      {vm.qemu_command_file}")
         else:
-            out.append("  conversion report: none (conversion skipped)")
-        out.append(f"  boot it with:      {vm.qemu_command_file}")
+            out.append("  conversion report: none (conversion skipped: the guest is as it was)")
+        # The converter's warnings ask the operator to act; they must not stay
+        # buried in the report file.
+        out.extend(f"  warning: {w}" for w in vm.conversion.warnings)
     return out
 
 

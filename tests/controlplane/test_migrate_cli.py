@@ -164,8 +164,7 @@ def test_migrate_copies_a_vm_described_by_a_vmx_and_says_where_it_is(
         f"  disk:              {vm_dir / 'disk0.raw'}\n"
         f"  qemu command:      {vm_dir / 'web01.qemu.sh'}\n"
         f"  libvirt XML:       {vm_dir / 'web01.xml'}\n"
-        "  conversion report: none (conversion skipped)\n"
-        f"  boot it with:      {vm_dir / 'web01.qemu.sh'}\n"
+        "  conversion report: none (conversion skipped: the guest is as it was)\n"
     )
     assert "web01 disk0 [CopyDisks] 100.0% of 40 MiB" in result.stdout
     assert "web01: CopyDisks succeeded" in result.stdout

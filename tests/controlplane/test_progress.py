@@ -82,3 +82,16 @@ def test_summary_names_every_file_of_a_migrated_vm():
         "  conversion report: /o/web/conversion-report.json",
         "  boot it with:      /o/web/web.qemu.sh",
     ]
+
+
+def test_summary_shows_the_converters_warnings():
+    mig = pb.Migration(id="m", state=M.MIGRATION_STATE_SUCCEEDED)
+    vm = mig.vms.add(
+        name="web", state=M.MIGRATION_STATE_SUCCEEDED, vm_directory="/o/web",
+        qemu_command_file="/o/web/web.qemu.sh", libvirt_xml_file="/o/web/web.xml",
+        report_file="/o/web/conversion-report.json",
+    )
+    vm.conversion.warnings.append("grub-pc installs to /dev/sda; run dpkg-reconfigure grub-pc")
+    assert summary(mig)[-1] == (
+        "  warning: grub-pc installs to /dev/sda; run dpkg-reconfigure grub-pc"
+    )
