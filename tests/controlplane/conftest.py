@@ -3,16 +3,16 @@ real transferd on a Unix socket."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import subprocess
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.threadloop import serving
 
 
 def qemu_img(*args: str) -> None:
@@ -58,16 +58,10 @@ def transferd_addr() -> Iterator[str]:
 
     workdir = tempfile.mkdtemp(prefix="ferry-td-")
     address = f"unix:{workdir}/transferd.sock"
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    running = asyncio.run_coroutine_threadsafe(start(address, ""), loop).result(timeout=60)
     try:
-        yield address
+        with serving(lambda: start(address, "")):
+            yield address
     finally:
-        asyncio.run_coroutine_threadsafe(running.stop(), loop).result(timeout=60)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

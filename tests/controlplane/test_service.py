@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from ferry.v1 import controlplane_pb2 as pb
 from ferry.v1 import controlplane_pb2_grpc as pb_grpc
 from tests.controlplane.conftest import make_raw_with_mbr, qemu_nbd_serving
 from tests.files import sha256_of
+from tests.threadloop import serving
 
 M = pb.MigrationState
 
@@ -38,18 +38,10 @@ def controlplane_address(state_dir: Path, transferd_addr: str) -> Iterator[str]:
     """The real control plane on its own event loop thread, on a Unix socket."""
     workdir = tempfile.mkdtemp(prefix="ferry-cp-")
     address = f"unix:{workdir}/cp.sock"
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    running = asyncio.run_coroutine_threadsafe(
-        start(address, str(state_dir), transferd_addr, "unix:/nonexistent"), loop
-    ).result(timeout=60)
     try:
-        yield address
+        with serving(lambda: start(address, str(state_dir), transferd_addr, "unix:/nonexistent")):
+            yield address
     finally:
-        asyncio.run_coroutine_threadsafe(running.stop(), loop).result(timeout=60)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -187,24 +179,22 @@ def test_stopping_the_control_plane_mid_copy_fails_the_migration_and_cleans_up(
     target.mkdir()
     workdir = tempfile.mkdtemp(prefix="ferry-cp-")
     address = f"unix:{workdir}/cp.sock"
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    running = asyncio.run_coroutine_threadsafe(
-        start(address, str(state_dir), transferd_addr, "unix:/nonexistent"), loop
-    ).result(timeout=60)
     try:
-        with grpc.insecure_channel(address) as channel:
-            stub = pb_grpc.ControlPlaneStub(channel)
-            plan = stub.CreatePlan(pb.CreatePlanRequest(plan=_plan([big_disk], target, "big")))
-            started = stub.StartMigration(pb.StartMigrationRequest(plan_id=plan.id))
-            for m in stub.WatchMigration(pb.WatchMigrationRequest(migration_id=started.id)):
-                if m.vms[0].disks[0].transfer_id:
-                    break
-        asyncio.run_coroutine_threadsafe(running.stop(), loop).result(timeout=120)
+        with serving(lambda: start(address, str(state_dir), transferd_addr,
+                                   "unix:/nonexistent")) as served:
+            with grpc.insecure_channel(address) as channel:
+                stub = pb_grpc.ControlPlaneStub(channel)
+                plan = stub.CreatePlan(
+                    pb.CreatePlanRequest(plan=_plan([big_disk], target, "big"))
+                )
+                started = stub.StartMigration(pb.StartMigrationRequest(plan_id=plan.id))
+                for m in stub.WatchMigration(
+                    pb.WatchMigrationRequest(migration_id=started.id)
+                ):
+                    if m.vms[0].disks[0].transfer_id:
+                        break
+            served.stop()
     finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
         shutil.rmtree(workdir, ignore_errors=True)
 
     got = Store(str(state_dir)).get_migration(started.id)

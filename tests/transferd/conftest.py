@@ -3,14 +3,12 @@ transferd per test module driven through its gRPC API."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import json
 import os
 import re
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ import uvloop
 
 from ferry.v1 import transfer_pb2 as pb
 from ferry.v1 import transfer_pb2_grpc as pb_grpc
+from tests.threadloop import serving
 from transferd.server import RunningServer, start
 
 KiB = 1 << 10
@@ -39,23 +38,14 @@ class Transferd:
 def in_process_transferd(**settings: int) -> Iterator[Transferd]:
     """transferd on its own uvloop thread, as in production, reached through
     a real gRPC channel."""
-    loop = uvloop.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    running: RunningServer = asyncio.run_coroutine_threadsafe(
-        start("127.0.0.1:0", "127.0.0.1:0", **settings), loop
-    ).result(timeout=30)
-    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
-    try:
-        yield Transferd(
-            pb_grpc.TransferServiceStub(channel),
-            f"http://127.0.0.1:{running.metrics_port}/metrics",
-        )
-    finally:
-        channel.close()
-        asyncio.run_coroutine_threadsafe(running.stop(), loop).result(timeout=30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
+    with serving(lambda: start("127.0.0.1:0", "127.0.0.1:0", **settings),
+                 uvloop.new_event_loop) as served:
+        running: RunningServer = served.server
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            yield Transferd(
+                pb_grpc.TransferServiceStub(channel),
+                f"http://127.0.0.1:{running.metrics_port}/metrics",
+            )
 
 
 @pytest.fixture(scope="module")
