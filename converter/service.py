@@ -27,6 +27,7 @@ from converter.convert import ConvertJob, Event, claim, convert, inspect_only
 from converter.request import inspect_job, job_from_request
 from ferry import errors
 from ferry.logs import setup_logging
+from ferry.process import die_with_parent
 from ferry.v1 import converter_pb2, converter_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -40,15 +41,17 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise errors.Cancelled("the converter worker was told to stop")
 
 
-def _worker(kind: str, job: ConvertJob, conn: Connection, level: int) -> None:
+def _worker(kind: str, job: ConvertJob, conn: Connection, level: int, parent: int) -> None:
     """Runs in the spawned process: one conversion or inspection, each
     event sent as ("event", step, message, serialized report or b"").
 
     It leads its own process group, which the appliance's qemu joins, so
     the parent can stop both with one signal; SIGTERM raises Cancelled,
-    so the handle is closed on the way out."""
+    so the handle is closed on the way out. If the parent dies without
+    stopping it, the kernel sends that SIGTERM."""
     os.setpgid(0, 0)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    die_with_parent(parent)
     setup_logging(logging.getLevelName(level))
     try:
         events = (
@@ -110,7 +113,7 @@ async def run_in_worker(kind: str, job: ConvertJob) -> AsyncGenerator[Event, Non
     with claim(job.disks, job.label):
         parent, child = _spawn.Pipe()
         proc = _spawn.Process(
-            target=_worker, args=(kind, job, child, logging.getLogger().level),
+            target=_worker, args=(kind, job, child, logging.getLogger().level, os.getpid()),
             name=f"ferry-{kind}", daemon=True,
         )
         proc.start()

@@ -5,14 +5,13 @@ FerryError into a message and an exit status instead of a traceback."""
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
-import signal
 import sys
 from collections.abc import Sequence
 
 from ferry import errors
 from ferry.logs import setup_logging
+from ferry.process import die_with_parent
 
 DEFAULT_CONTROLPLANE = "127.0.0.1:7400"
 DEFAULT_TRANSFERD = "127.0.0.1:7401"
@@ -21,7 +20,6 @@ DEFAULT_TRANSFERD_METRICS = "127.0.0.1:9401"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Set by `ferry migrate` for the services it starts: the pid they must not outlive.
 DIE_WITH_PARENT_ENV = "FERRY_DIE_WITH_PARENT"
-_PR_SET_PDEATHSIG = 1
 
 
 def _env(name: str, default: str) -> str:
@@ -105,16 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _die_with_parent() -> None:
-    """A service started by `ferry migrate` gets SIGTERM from the kernel when
-    ferry migrate dies, however it dies (prctl PR_SET_PDEATHSIG), and exits at
-    once if that already happened."""
+    """A service started by `ferry migrate` stops when ferry migrate dies."""
     parent = os.environ.pop(DIE_WITH_PARENT_ENV, "")
-    if not parent.isdigit():
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != int(parent):
-        sys.exit(0)
+    if parent.isdigit():
+        die_with_parent(int(parent))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -182,3 +182,39 @@ def test_cancelled_convert_stops_its_worker_and_appliance(disk: Path, tmp_path: 
     survivors, code = asyncio.run(cancel_mid_launch())
     assert code == grpc.StatusCode.CANCELLED
     assert survivors == []
+
+
+def test_a_killed_server_takes_its_worker_and_appliance_with_it(disk: Path, tmp_path: Path):
+    """SIGKILL leaves the server no chance to stop its worker, which must not
+    go on converting a disk nobody waits for: the kernel's parent-death signal
+    stops it, and at the latest its next event finds the pipe broken."""
+    sock = tmp_path / "k.sock"
+    groups: set[str] = set()
+    left: list[str] | None = None
+    server = subprocess.Popen(
+        [sys.executable, "-m", "ferry.cli", "serve", "converter", "--listen", f"unix:{sock}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        channel = grpc.insecure_channel(f"unix:{sock}")
+        grpc.channel_ready_future(channel).result(timeout=120)
+        stub = converter_pb2_grpc.ConverterServiceStub(channel)
+        calls = stub.Convert(converter_pb2.ConvertRequest(disk_paths=[str(disk)], vm="vm1"))
+        running = _wait_for_qemu(server.pid)
+        groups = _groups(running)
+        server.kill()
+        server.wait()
+        # Either way the worker acts only once the appliance launch returns
+        # (up to a minute here); then it closes the handle.
+        deadline = time.monotonic() + 150
+        while (left := _survivors(running, groups)) and time.monotonic() < deadline:
+            pass
+        calls.cancel()
+        channel.close()
+    finally:
+        if left is None or left:  # the test failed: leave nothing running
+            for pgid in groups:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(int(pgid), signal.SIGKILL)
+    assert groups
+    assert left == []
