@@ -16,7 +16,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -106,6 +108,24 @@ def _survivors(procs: dict[Proc, str], groups: set[str]) -> list[str]:
         time.sleep(0.5)
 
 
+@contextlib.contextmanager
+def _converter_server(sock: Path) -> Iterator[tuple[subprocess.Popen[bytes], Any]]:
+    """`ferry serve converter` as a subprocess on `sock`, with a ready stub;
+    killed at the end if the test left it running."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "ferry.cli", "serve", "converter", "--listen", f"unix:{sock}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        with grpc.insecure_channel(f"unix:{sock}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=120)
+            yield server, converter_pb2_grpc.ConverterServiceStub(channel)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
 @pytest.fixture(scope="module")
 def disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_disk(tmp_path_factory.mktemp("stop") / "stop.raw",
@@ -116,35 +136,27 @@ def test_sigterm_stops_the_server_its_worker_and_the_appliance(disk: Path, tmp_p
     sock = tmp_path / "c.sock"
     groups: set[str] = set()
     left: list[str] | None = None
-    server = subprocess.Popen(
-        [sys.executable, "-m", "ferry.cli", "serve", "converter", "--listen", f"unix:{sock}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
     try:
-        channel = grpc.insecure_channel(f"unix:{sock}")
-        grpc.channel_ready_future(channel).result(timeout=120)
-        stub = converter_pb2_grpc.ConverterServiceStub(channel)
-        outcome: list[grpc.RpcError] = []
+        with _converter_server(sock) as (server, stub):
+            outcome: list[grpc.RpcError] = []
 
-        def call() -> None:
-            try:
-                list(stub.Convert(converter_pb2.ConvertRequest(disk_paths=[str(disk)], vm="vm1")))
-            except grpc.RpcError as e:
-                outcome.append(e)
+            def call() -> None:
+                try:
+                    list(stub.Convert(
+                        converter_pb2.ConvertRequest(disk_paths=[str(disk)], vm="vm1")
+                    ))
+                except grpc.RpcError as e:
+                    outcome.append(e)
 
-        caller = threading.Thread(target=call)
-        caller.start()
-        running = _wait_for_qemu(server.pid)
-        groups = _groups(running)
-        server.send_signal(signal.SIGTERM)
-        exit_status = server.wait(timeout=GONE_WITHIN)
-        left = _survivors(running, groups)
-        caller.join()
-        channel.close()
+            caller = threading.Thread(target=call)
+            caller.start()
+            running = _wait_for_qemu(server.pid)
+            groups = _groups(running)
+            server.send_signal(signal.SIGTERM)
+            exit_status = server.wait(timeout=GONE_WITHIN)
+            left = _survivors(running, groups)
+            caller.join()
     finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
         if left is None or left:  # the test failed: leave nothing running
             for pgid in groups:
                 with contextlib.suppress(ProcessLookupError):
@@ -191,26 +203,19 @@ def test_a_killed_server_takes_its_worker_and_appliance_with_it(disk: Path, tmp_
     sock = tmp_path / "k.sock"
     groups: set[str] = set()
     left: list[str] | None = None
-    server = subprocess.Popen(
-        [sys.executable, "-m", "ferry.cli", "serve", "converter", "--listen", f"unix:{sock}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
     try:
-        channel = grpc.insecure_channel(f"unix:{sock}")
-        grpc.channel_ready_future(channel).result(timeout=120)
-        stub = converter_pb2_grpc.ConverterServiceStub(channel)
-        calls = stub.Convert(converter_pb2.ConvertRequest(disk_paths=[str(disk)], vm="vm1"))
-        running = _wait_for_qemu(server.pid)
-        groups = _groups(running)
-        server.kill()
-        server.wait()
-        # Either way the worker acts only once the appliance launch returns
-        # (up to a minute here); then it closes the handle.
-        deadline = time.monotonic() + 150
-        while (left := _survivors(running, groups)) and time.monotonic() < deadline:
-            pass
-        calls.cancel()
-        channel.close()
+        with _converter_server(sock) as (server, stub):
+            calls = stub.Convert(converter_pb2.ConvertRequest(disk_paths=[str(disk)], vm="vm1"))
+            running = _wait_for_qemu(server.pid)
+            groups = _groups(running)
+            server.kill()
+            server.wait()
+            # Either way the worker acts only once the appliance launch returns
+            # (up to a minute here); then it closes the handle.
+            deadline = time.monotonic() + 150
+            while (left := _survivors(running, groups)) and time.monotonic() < deadline:
+                pass
+            calls.cancel()
     finally:
         if left is None or left:  # the test failed: leave nothing running
             for pgid in groups:
