@@ -12,7 +12,7 @@ from pathlib import Path
 
 from controlplane.providers import disk_images
 from controlplane.targets import local
-from ferry.rpc import shown
+from ferry.errors import shown
 from ferry.v1 import controlplane_pb2
 
 BLOCKING = "Blocking"

@@ -7,6 +7,19 @@ maps each class to a status code (ferry.rpc) and the CLI to an exit status.
 from __future__ import annotations
 
 
+def shown(value: str, limit: int = 200) -> str:
+    """Echoed input, cut so a message stays readable and fits gRPC metadata."""
+    return value if len(value) <= limit else value[:limit] + "..."
+
+
+def said(e: BaseException) -> str:
+    """An exception as a sentence for the operator: an OSError's own words
+    (its strerror) without Python's "[Errno N]" prefix."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e)
+
+
 class FerryError(Exception):
     """Base class. `exit_code` is what the CLI exits with."""
 

@@ -16,6 +16,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ferry import errors
+from ferry.errors import shown
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +35,6 @@ _CODES: list[tuple[type[errors.FerryError], grpc.StatusCode]] = [
 MAX_FIELD_CHARS = 4096
 # Cap on an error's details: gRPC sends them in metadata (8 KiB by default).
 MAX_DETAILS_CHARS = 4000
-
-
-def shown(value: str, limit: int = 200) -> str:
-    """Echoed input, cut so a message stays readable and fits gRPC metadata."""
-    return value if len(value) <= limit else value[:limit] + "..."
 
 
 def check_strings(message: Message, path: str = "") -> None:

@@ -241,7 +241,7 @@ async def copy(args: argparse.Namespace, uri: str, source_id: str,
             if isinstance(e, errors.FerryError):
                 raise type(e)(f"{e}; {note}") from e
             if isinstance(e, OSError):
-                raise errors.OperationFailed(f"{e}; {note}") from e
+                raise errors.OperationFailed(f"{errors.said(e)}; {note}") from e
             raise
         finally:
             if reporter is not None:

@@ -4,9 +4,23 @@ storage) is one new module implementing one of them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from transferd.extents import Extent
+
+# Runs on the thread that received a read, right after the data landed.
+Then = Callable[[memoryview], None]
+
+
+class DeliveryFailed(Exception):
+    """A read's `then` failed (the target refused a write). It is not the
+    source's fault, so it is never retried as a failed read; `error` is
+    what `then` raised."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class Source(Protocol):
@@ -35,8 +49,11 @@ class Source(Protocol):
         but always describes at least one byte."""
         ...
 
-    async def read_into(self, offset: int, buf: memoryview) -> None:
-        """Fills `buf` with the bytes at `offset`."""
+    async def read_into(self, offset: int, buf: memoryview, then: Then | None = None) -> None:
+        """Fills `buf` with the bytes at `offset`. `then(buf)` runs on the
+        thread that received the data, as soon as it landed and while it is
+        still in that core's cache; if it raises OSError, the read fails
+        with DeliveryFailed."""
         ...
 
     async def close(self) -> None: ...
@@ -54,7 +71,11 @@ class Target(Protocol):
         extents of the source need no write at all."""
         ...
 
-    async def write(self, offset: int, data: memoryview) -> None: ...
+    def write(self, offset: int, data: memoryview) -> None:
+        """Writes synchronously on the calling thread (a source's receiving
+        thread, never the event loop); safe from several threads at once.
+        After `finish` or `abort` it refuses rather than touch a closed file."""
+        ...
 
     async def zero(self, offset: int, length: int) -> None: ...
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from transferd import extents
-from transferd.endpoints import Source, Target
+from transferd.endpoints import DeliveryFailed, Source, Target
 
 MiB = 1 << 20
 DEFAULT_REQUEST_SIZE = 2 * MiB
@@ -232,11 +232,13 @@ async def copy(
         try:
             progress.inflight += 1
             try:
-                await source.read_into(offset, view)
+                # The receiving thread writes the data as soon as it lands.
+                await source.read_into(offset, view, lambda data: target.write(offset, data))
+            except DeliveryFailed as e:
+                raise e.error from None
             finally:
                 progress.inflight -= 1
             progress.add("read", length)
-            await target.write(offset, view)
             progress.add("written", length)
             finished(offset, length)
             reusable = True

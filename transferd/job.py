@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ferry import errors
-from ferry.rpc import shown
+from ferry.errors import shown
 from ferry.v1 import transfer_pb2 as pb
 from transferd import checksum, engine, extents, journal
 from transferd.sources.nbd import NbdSource, check_uri

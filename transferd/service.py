@@ -24,8 +24,9 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ferry import errors
+from ferry.errors import shown
 from ferry.logs import ContextLogger, context_logger
-from ferry.rpc import check_strings, shown
+from ferry.rpc import check_strings
 from ferry.v1 import transfer_pb2 as pb
 from ferry.v1 import transfer_pb2_grpc as pb_grpc
 from transferd import checksum, engine
@@ -298,7 +299,7 @@ class TransferService(pb_grpc.TransferServiceServicer):  # type: ignore[misc]
                 e = first_error(group)
                 note = await _to_the_end(job.abort()) if opened else "nothing was written"
                 if isinstance(e, errors.FerryError | OSError):
-                    rec.error = f"{e}; {note}"
+                    rec.error = f"{errors.said(e)}; {note}"
                 else:
                     rec.log.error("transfer failed on an unexpected error", exc_info=e)
                     rec.error = f"internal error in transferd: {e!r}; {note}"

@@ -110,6 +110,35 @@ def test_failing_source_exits_1_and_removes_the_created_target(image: Path, tmp_
     assert list(tmp_path.glob("out.img*")) == []
 
 
+def test_a_full_target_fails_at_once_naming_the_target_not_the_source(
+        image: Path, tmp_path: Path):
+    """Data is written on the thread that received it; a refused write is
+    the target's failure: never retried as a failed read, never blamed on
+    the source."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(small)], check=True)
+    try:
+        dense = tmp_path / "dense.img"
+        dense.write_bytes(os.urandom(16 * MiB))
+        target = small / "out.img"
+        done = ferry_copy(dense, target, "--request-size", "1M")
+        leftovers = list(small.iterdir())
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=True)
+
+    assert done.returncode == 1
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith("ferry: error: writing 1048576 bytes at offset ")
+    assert f"of file {target} failed: No space left on device" in error
+    assert f"the target file {target}, created by this transfer, was removed" in error
+    assert "try 2 of" not in done.stderr  # no retry of the source
+    assert "Traceback" not in done.stderr
+    assert leftovers == []
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

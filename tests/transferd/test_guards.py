@@ -21,6 +21,7 @@ from ferry.v1 import transfer_pb2_grpc as pb_grpc
 from tests.files import sha256_of
 from tests.transferd.conftest import MiB, NbdServer, Transferd, details, wait_final
 from transferd.service import _to_the_end
+from transferd.targets.file import FileTarget
 
 S = pb.TransferState
 
@@ -260,3 +261,16 @@ def test_copy_that_returns_early_is_failed_not_succeeded(
         f"the copy of {server.uri} to {target} stopped early: 0 of {32 * MiB} planned bytes "
         "handled, 0 read but 0 written; the target is incomplete, run the transfer again")
     assert not target.exists()
+
+
+def test_a_target_refuses_writes_once_closed(tmp_path: Path):
+    """Reads land and are written on the source's threads; one that lands
+    after the transfer ended must not write through a descriptor number
+    that may already belong to another file."""
+    path = tmp_path / "out.img"
+    target = FileTarget.open(str(path), MiB)
+    target.write(0, memoryview(b"x" * 4096))
+    asyncio.run(target.finish())
+    with pytest.raises(OSError, match=f"file {path} is already closed"):
+        target.write(4096, memoryview(b"y" * 4096))
+    assert path.read_bytes()[:4097] == b"x" * 4096 + b"\0"

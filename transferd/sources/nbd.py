@@ -1,10 +1,9 @@
-"""An NBD source read with libnbd's asynchronous API on the asyncio loop.
+"""An NBD source read with libnbd's asynchronous API, one thread per connection.
 
-libnbd owns the protocol; this module only drives its state machine from the
-event loop: it watches the handle's socket in the direction libnbd asks for
-(`aio_get_direction`), calls `aio_notify_read` / `aio_notify_write` when the
-socket is ready, and resolves one future per command from libnbd's completion
-callbacks. Nothing is ever written to the source.
+libnbd owns the protocol. Each connection's thread sends the commands the
+event loop queues for it and runs libnbd's `poll`, which receives replies
+straight into the caller's buffers without holding the GIL; completion
+callbacks settle the loop's futures. Nothing is ever written to the source.
 """
 
 from __future__ import annotations
@@ -14,6 +13,9 @@ import contextlib
 import errno
 import logging
 import os
+import threading
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -22,7 +24,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import nbd
 
 from ferry import errors
-from ferry.rpc import shown
+from ferry.errors import shown
+from transferd.endpoints import DeliveryFailed, Then
 from transferd.extents import (
     Extent,
     Kind,
@@ -37,6 +40,9 @@ T = TypeVar("T")
 SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix")
 CONNECT_TIMEOUT_SECONDS = 30.0
 DISCONNECT_TIMEOUT_SECONDS = 5.0
+# How long a connection's thread waits in poll before it looks for new
+# commands (new commands do not interrupt a poll) and for a stop.
+POLL_MS = 20
 
 
 def check_uri(uri: str) -> None:
@@ -68,48 +74,123 @@ def check_uri(uri: str) -> None:
         raise errors.InvalidInput(f"source {shown(uri)!r} names no host; pass nbd://HOST[:PORT]/EXPORT")
 
 
+@dataclass(frozen=True)
+class _Info:
+    """What the handshake told about the export, read once by the thread."""
+
+    size: int
+    multi_conn: bool
+    max_request: int
+    contexts: frozenset[str]
+
+
+@dataclass
+class _Command:
+    kind: str  # "pread", "block_status" or "disconnect"
+    fut: asyncio.Future[Any]
+    offset: int = 0
+    length: int = 0
+    buf: memoryview | None = None
+    then: Then | None = None
+
+
 class _Connection:
-    """One libnbd handle driven by the loop. Commands are futures; a lost
-    connection fails every command in flight."""
+    """One libnbd handle, owned and driven by a thread of its own.
+
+    Why a thread: receiving a reply is copying its data out of the socket,
+    and libnbd's `poll` does that in C with the GIL released. A thread per
+    connection spreads those copies over every core, and runs a read's
+    `then` (the target write) right after, while the data is still in that
+    core's cache; an event loop driving all the handles did the copies on
+    one core, with a Python callback per socket wake-up, and handed the data
+    to another thread to write. The loop hands commands over through a
+    queue and awaits futures that the thread settles; nothing else touches
+    the handle. A lost connection fails every command in flight."""
 
     def __init__(self, uri: str, loop: asyncio.AbstractEventLoop,
                  contexts: tuple[str, ...] = (nbd.CONTEXT_BASE_ALLOCATION,)) -> None:
         self.uri = uri
         self._loop = loop
-        self._h = nbd.NBD()
-        for context in contexts:
-            self._h.add_meta_context(context)
-        # Buffers are overwritten by a successful read; a failed one fails the
-        # transfer, so libnbd need not clear them first.
-        self._h.set_pread_initialize(False)
-        self._fd = -1
-        self._reading = False
-        self._writing = False
-        self._pending: set[asyncio.Future[None]] = set()
-        self._ready: asyncio.Future[None] | None = None
+        self._contexts = contexts
+        self._queue: deque[_Command] = deque()
+        self._cond = threading.Condition()
+        self._stop = False
+        self._outstanding = 0  # commands submitted and not settled (loop side)
+        self._inflight: dict[int, _Command] = {}  # commands libnbd has (thread side)
+        self._landed: deque[_Command] = deque()  # reads whose `then` is due (thread side)
         self._lost: str | None = None
-        self._gone = asyncio.Event()
-        self._closed = False
+        self._info: _Info | None = None
+        self._thread: threading.Thread | None = None
+        self._exited: asyncio.Future[None] = loop.create_future()
 
     async def connect(self) -> None:
-        self._ready = self._loop.create_future()
+        ready: asyncio.Future[_Info] = self._loop.create_future()
+        self._thread = threading.Thread(target=self._serve, args=(ready,), daemon=True,
+                                        name="transferd-nbd")
+        self._thread.start()
         try:
-            self._h.aio_connect_uri(self.uri)
+            self._info = await ready
+        except BaseException:
+            self.close()
+            raise
+
+    # -- the connection's thread ----------------------------------------------
+
+    def _settle(self, fut: asyncio.Future[Any], result: Any = None,
+                error: BaseException | None = None) -> None:
+        """Resolves a loop future from the thread (a closed loop has no one
+        left to tell)."""
+        def settle() -> None:
+            if not fut.done():
+                fut.set_exception(error) if error is not None else fut.set_result(result)
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(settle)
+
+    def _serve(self, ready: asyncio.Future[_Info]) -> None:
+        h = nbd.NBD()
+        try:
+            try:
+                self._handshake(h)
+            except errors.FerryError as e:
+                self._settle(ready, error=e)
+                return
+            self._settle(ready, _Info(
+                size=int(h.get_size()), multi_conn=bool(h.can_multi_conn()),
+                max_request=int(h.get_block_size(nbd.SIZE_MAXIMUM)),
+                contexts=frozenset(c for c in self._contexts if h.can_meta_context(c)),
+            ))
+            self._run(h)
+        except BaseException as e:
+            self._die(f"the connection's thread failed: {e!r}")
+            raise
+        finally:
+            del h  # closes the socket; libnbd lets go of every buffer
+            self._settle(self._exited)
+
+    def _handshake(self, h: nbd.NBD) -> None:
+        for context in self._contexts:
+            h.add_meta_context(context)
+        # Buffers are overwritten by a successful read; a failed one fails the
+        # transfer, so libnbd need not clear them first.
+        h.set_pread_initialize(False)
+        try:
+            h.aio_connect_uri(self.uri)
         except nbd.Error as e:
             raise self._unreachable(e) from e
-        self._fd = self._h.aio_get_fd()
-        self._rearm()
-        self._check_ready()
+        deadline = time.monotonic() + CONNECT_TIMEOUT_SECONDS
         try:
-            await asyncio.wait_for(self._ready, CONNECT_TIMEOUT_SECONDS)
-        except TimeoutError as e:
-            self.close()
-            raise errors.Unavailable(
-                f"source {self.uri} did not complete the NBD handshake within "
-                f"{CONNECT_TIMEOUT_SECONDS:.0f} s; check that an NBD server listens there"
-            ) from e
+            while not h.aio_is_ready():
+                if self._stop:
+                    raise errors.Cancelled(f"connecting to source {self.uri} was cancelled")
+                if h.aio_is_dead() or h.aio_is_closed():
+                    raise nbd.Error("the server closed the connection", errno.ENOTCONN)
+                if time.monotonic() > deadline:
+                    raise errors.Unavailable(
+                        f"source {self.uri} did not complete the NBD handshake within "
+                        f"{CONNECT_TIMEOUT_SECONDS:.0f} s; check that an NBD server listens there"
+                    )
+                h.poll(POLL_MS)
         except nbd.Error as e:
-            self.close()
             raise errors.FailedPrecondition(
                 f"source {self.uri} is not a usable NBD server: {e}; check that the URI "
                 "points at an NBD server (nbdkit, qemu-nbd) and that the export exists"
@@ -123,181 +204,173 @@ class _Connection:
             f"cannot reach source {self.uri}: {e}; start the NBD server or fix source_uri"
         )
 
-    # -- event loop integration -------------------------------------------------
+    def _run(self, h: nbd.NBD) -> None:
+        """Sends what the loop queued and receives replies until the
+        connection is closed, lost or said goodbye to."""
+        inflight = self._inflight
+        disconnecting: float | None = None
+        while True:
+            with self._cond:
+                while not (self._queue or self._stop or inflight or disconnecting):
+                    self._cond.wait()
+                if self._stop:
+                    break
+                batch = list(self._queue)
+                self._queue.clear()
+            try:
+                for cmd in batch:
+                    if cmd.kind == "disconnect":
+                        h.aio_disconnect()
+                        disconnecting = time.monotonic() + DISCONNECT_TIMEOUT_SECONDS
+                        self._settle(cmd.fut)
+                    else:
+                        self._send(h, cmd, inflight)
+                # Replies are read inside poll, without the GIL; a command
+                # queued meanwhile waits for the next reply, or POLL_MS.
+                h.poll(POLL_MS)
+                self._deliver()
+            except nbd.Error as e:
+                self._die(str(e))
+                return
+            if h.aio_is_closed() or (disconnecting and time.monotonic() > disconnecting):
+                self._die("the source was closed")
+                return
+            if h.aio_is_dead():
+                self._die("the server closed the connection")
+                return
+        self._die("the source was closed")
 
-    def _rearm(self) -> None:
-        """Watches the socket in the direction libnbd wants next."""
-        if self._fd < 0:
-            return
-        direction = self._h.aio_get_direction()
-        want_read = bool(direction & nbd.AIO_DIRECTION_READ)
-        want_write = bool(direction & nbd.AIO_DIRECTION_WRITE)
-        if want_read and not self._reading:
-            self._loop.add_reader(self._fd, self._on_readable)
-        elif not want_read and self._reading:
-            self._loop.remove_reader(self._fd)
-        if want_write and not self._writing:
-            self._loop.add_writer(self._fd, self._on_writable)
-        elif not want_write and self._writing:
-            self._loop.remove_writer(self._fd)
-        self._reading, self._writing = want_read, want_write
-
-    def _on_readable(self) -> None:
-        self._notify(self._h.aio_notify_read)
-
-    def _on_writable(self) -> None:
-        self._notify(self._h.aio_notify_write)
-
-    def _notify(self, notify: Any) -> None:
-        try:
-            notify()
-        except nbd.Error as e:
-            self._die(e)
-            return
-        if self._h.aio_is_dead() or self._h.aio_is_closed():
-            self._die(nbd.Error("the server closed the connection", errno.ENOTCONN))
-            return
-        self._rearm()
-        self._check_ready()
-
-    def _check_ready(self) -> None:
-        if self._ready is not None and not self._ready.done() and self._h.aio_is_ready():
-            self._ready.set_result(None)
-
-    def _die(self, e: nbd.Error) -> None:
-        """The connection is gone: stop watching and fail what waits on it."""
-        self._lost = str(e)
-        self._gone.set()
-        self._unwatch()
-        if self._ready is not None and not self._ready.done():
-            self._ready.set_exception(e)
-        for fut in list(self._pending):
-            if not fut.done():
-                fut.set_exception(OSError(errno.ENOTCONN, str(e)))
-
-    def _unwatch(self) -> None:
-        if self._reading:
-            self._loop.remove_reader(self._fd)
-        if self._writing:
-            self._loop.remove_writer(self._fd)
-        self._reading = self._writing = False
-
-    # -- commands ---------------------------------------------------------------
-
-    def _command(self) -> tuple[asyncio.Future[None], Any]:
-        """A future and the completion callback that resolves it. Returning 1
-        from the callback retires the command inside libnbd."""
-        fut: asyncio.Future[None] = self._loop.create_future()
+    def _send(self, h: nbd.NBD, cmd: _Command, inflight: dict[int, _Command]) -> None:
+        """Hands one command to libnbd; its completion callback settles it.
+        A command libnbd refuses fails alone unless the connection is gone."""
+        key = id(cmd)
 
         def completed(error: Any) -> int:
-            if not fut.done():
-                if error.value:
-                    fut.set_exception(OSError(error.value, os.strerror(error.value)))
-                else:
-                    fut.set_result(None)
-            return 1
+            inflight.pop(key, None)
+            if error.value:
+                self._settle(cmd.fut, error=OSError(error.value, os.strerror(error.value)))
+            elif cmd.then is not None:
+                self._landed.append(cmd)  # handed on once poll returns
+            else:
+                self._settle(cmd.fut, entries if cmd.kind == "block_status" else None)
+            return 1  # retires the command inside libnbd
 
-        return fut, completed
+        entries: dict[str, list[int]] = {}
 
-    async def _run(self, fut: asyncio.Future[None]) -> None:
-        self._pending.add(fut)
-        self._rearm()
+        def extent(metacontext: str, start: int, got: list[int], error: Any) -> int:
+            if start == cmd.offset:
+                entries.setdefault(metacontext, []).extend(got)
+            return 0
+
+        inflight[key] = cmd
         try:
-            await fut
-        finally:
-            self._pending.discard(fut)
-
-    def _not_sent(self, e: nbd.Error) -> OSError:
-        """A command libnbd refused to send. When that is because the
-        connection died (e.g. an idle connection whose server went away), the
-        connection is marked lost so the source reconnects."""
-        if self._h.aio_is_dead() or self._h.aio_is_closed():
-            self._die(e)
-            return OSError(errno.ENOTCONN, self._lost or e.string)
-        return OSError(e.errnum or errno.EIO, e.string)
-
-    def _alive(self) -> None:
-        if self._lost is not None:
-            raise OSError(errno.ENOTCONN, self._lost)
-
-    async def pread(self, offset: int, buf: memoryview) -> None:
-        self._alive()
-        fut, completed = self._command()
-        try:
-            self._h.aio_pread(nbd.Buffer.from_buffer(buf), offset, completed)
+            if cmd.kind == "pread":
+                assert cmd.buf is not None
+                h.aio_pread(nbd.Buffer.from_buffer(cmd.buf), cmd.offset, completed)
+            else:
+                h.aio_block_status(cmd.length, cmd.offset, extent, completed)
         except nbd.Error as e:
-            raise self._not_sent(e) from e
-        await self._run(fut)
+            inflight.pop(key, None)
+            if h.aio_is_dead() or h.aio_is_closed():
+                raise
+            self._settle(cmd.fut, error=OSError(e.errnum or errno.EIO, e.string))
+
+    def _deliver(self) -> None:
+        """Runs `then` for the reads that landed in the last poll, on this
+        thread while their data is still in this core's cache."""
+        while self._landed:
+            cmd = self._landed.popleft()
+            assert cmd.then is not None and cmd.buf is not None
+            try:
+                cmd.then(cmd.buf)
+            except OSError as e:
+                self._settle(cmd.fut, error=DeliveryFailed(e))
+            else:
+                self._settle(cmd.fut)
+
+    def _die(self, reason: str) -> None:
+        """The connection is gone: fail what waits on it, now and later."""
+        with self._cond:
+            self._lost = self._lost or reason
+            waiting = [*self._inflight.values(), *self._landed, *self._queue]
+            self._queue.clear()
+        self._inflight.clear()
+        self._landed.clear()
+        for cmd in waiting:
+            self._settle(cmd.fut, error=OSError(errno.ENOTCONN, reason))
+
+    # -- commands (called on the loop) ------------------------------------------
+
+    async def _call(self, cmd: _Command) -> Any:
+        with self._cond:
+            if self._lost is not None:
+                raise OSError(errno.ENOTCONN, self._lost)
+            self._queue.append(cmd)
+            self._cond.notify()
+        self._outstanding += 1
+        try:
+            return await cmd.fut
+        finally:
+            self._outstanding -= 1
+
+    async def pread(self, offset: int, buf: memoryview, then: Then | None = None) -> None:
+        await self._call(
+            _Command("pread", self._loop.create_future(), offset, len(buf), buf, then))
 
     async def block_status(self, offset: int, length: int) -> dict[str, list[int]]:
         """The reply of every negotiated meta context, each as the flat
         [length, flags, ...] list starting at `offset`."""
-        self._alive()
-        fut, completed = self._command()
-        entries: dict[str, list[int]] = {}
-
-        def extent(metacontext: str, start: int, got: list[int], error: Any) -> int:
-            if start == offset:
-                entries.setdefault(metacontext, []).extend(got)
-            return 0
-
-        try:
-            self._h.aio_block_status(length, offset, extent, completed)
-        except nbd.Error as e:
-            raise self._not_sent(e) from e
-        await self._run(fut)
+        entries: dict[str, list[int]] = await self._call(
+            _Command("block_status", self._loop.create_future(), offset, length))
         return entries
 
     @property
     def inflight(self) -> int:
-        return len(self._pending)
+        return self._outstanding
 
     @property
     def lost(self) -> bool:
         """The connection is gone (as opposed to one command failing)."""
         return self._lost is not None
 
+    def _known(self) -> _Info:
+        assert self._info is not None, "not connected"
+        return self._info
+
     @property
     def size(self) -> int:
-        return int(self._h.get_size())
+        return self._known().size
 
     def can_meta_context(self, context: str) -> bool:
-        return bool(self._h.can_meta_context(context))
+        return context in self._known().contexts
 
     @property
     def can_multi_conn(self) -> bool:
-        return bool(self._h.can_multi_conn())
+        return self._known().multi_conn
 
     @property
     def max_request(self) -> int:
-        return int(self._h.get_block_size(nbd.SIZE_MAXIMUM))
+        return self._known().max_request
 
     async def disconnect(self) -> None:
         """Says goodbye (NBD_CMD_DISC) so the server does not log a broken
-        connection, then closes."""
-        if self._closed:
+        connection, and waits for the thread to close the handle."""
+        if self._thread is None:
             return
-        if self._lost is None and self._h.aio_is_ready():
-            try:
-                self._h.aio_disconnect()
-            except nbd.Error:
-                pass
-            else:
-                self._rearm()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._gone.wait(), DISCONNECT_TIMEOUT_SECONDS)
+        if self._lost is None:
+            with contextlib.suppress(OSError):
+                await self._call(_Command("disconnect", self._loop.create_future()))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._exited), DISCONNECT_TIMEOUT_SECONDS + 1)
         self.close()
 
     def close(self) -> None:
-        """Drops the handle; libnbd closes the socket. Pending reads are
-        abandoned (their buffers stay referenced by libnbd until then)."""
-        if self._closed:
-            return
-        self._closed = True
-        self._unwatch()
-        self._fd = -1
-        self._lost = self._lost or "the source was closed"
-        del self._h
+        """Stops the thread, which drops the handle and so the socket.
+        Pending reads are abandoned (libnbd holds their buffers until then)."""
+        with self._cond:
+            self._stop = True
+            self._lost = self._lost or "the source was closed"
+            self._cond.notify()
 
 
 @dataclass(frozen=True)
@@ -489,9 +562,9 @@ class NbdSource:
             offset = end
         return normalize_areas(areas, self._size)
 
-    async def read_into(self, offset: int, buf: memoryview) -> None:
+    async def read_into(self, offset: int, buf: memoryview, then: Then | None = None) -> None:
         await self._retrying(f"to read {len(buf)} bytes at offset {offset}",
-                             lambda c: c.pread(offset, buf))
+                             lambda c: c.pread(offset, buf, then))
         self.bytes_read += len(buf)
 
     async def close(self) -> None:

@@ -8,13 +8,15 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from ferry import errors
 
-WRITE_THREADS = 4
+# Threads for zeroing and flushing; data is written by the source's threads.
+WORKER_THREADS = 2
 # O_DIRECT writes must start and end on this boundary (a page covers 512 and
 # 4096-byte logical blocks); other writes go through the page cache.
 DIRECT_ALIGN = 4096
@@ -63,7 +65,12 @@ class LocalTarget:
         self._fd = fd
         self._direct_fd = direct_fd
         self._reads_as_zero = reads_as_zero
-        self._pool = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="transferd-write")
+        # Writes run on other threads: closing waits for those in progress,
+        # so a descriptor is never closed (and its number reused) under one.
+        self._writers = 0
+        self._closed = False
+        self._io = threading.Condition()
+        self._pool = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="transferd-target")
 
     @property
     def path(self) -> str:
@@ -93,11 +100,19 @@ class LocalTarget:
             data, offset = data[n:], offset + n
         pwrite_all(self._fd, data, offset)
 
-    async def write(self, offset: int, data: memoryview) -> None:
+    def write(self, offset: int, data: memoryview) -> None:
+        with self._io:
+            if self._closed:
+                raise OSError(errno.EBADF, f"{self.kind} {self._path} is already closed")
+            self._writers += 1
         try:
-            await self._off_loop(self._pwrite, data, offset)
+            self._pwrite(data, offset)
         except OSError as e:
             raise self._failed(f"writing {len(data)} bytes at offset {offset} of", e) from e
+        finally:
+            with self._io:
+                self._writers -= 1
+                self._io.notify_all()
 
     def _zero(self, offset: int, length: int) -> None:
         write_zeros(self._fd, offset, length)
@@ -124,6 +139,9 @@ class LocalTarget:
             self._close()
 
     def _close(self) -> None:
+        with self._io:
+            self._closed = True
+            self._io.wait_for(lambda: self._writers == 0)
         if self._direct_fd >= 0:
             os.close(self._direct_fd)
             self._direct_fd = -1
@@ -133,9 +151,10 @@ class LocalTarget:
         self._pool.shutdown(wait=False)
 
     async def abort(self) -> str:
-        """Waits for writes in progress before closing, so nothing lands after."""
+        """Waits for writes and zeroing in progress before closing, so
+        nothing lands after."""
         await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown, True)
-        self._close()
+        await asyncio.get_running_loop().run_in_executor(None, self._close)
         return self._after_abort()
 
     def _after_abort(self) -> str:
