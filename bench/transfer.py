@@ -184,6 +184,15 @@ def nbdcopy(connections: int = 0) -> Command:
     return argv
 
 
+# Reads the source and throws the data away: the least time any NBD client
+# can take on that server, however fast it writes.
+SOURCE_FLOOR = "floor (nbdcopy to null:)"
+
+
+def nbdcopy_null(uri: str, src: Path, dst: Path) -> list[str]:
+    return ["nbdcopy", uri, "null:"]
+
+
 def qemu_img(uri: str, src: Path, dst: Path) -> list[str]:
     return ["qemu-img", "convert", "-W", "-f", "raw", "-O", "raw", uri, str(dst)]
 
@@ -202,27 +211,32 @@ def bench_tools(label: str, tools: dict[str, Command], images: list[Path], workd
                 repeat: int, filters: Sequence[str] = (),
                 params: Sequence[str] = ()) -> list[Result]:
     """Each tool copies every image (all at once when there are several),
-    `repeat` times; the run with the median wall time is kept."""
+    `repeat` rounds in which every tool runs once, so a burst of load from
+    elsewhere on the machine falls on all tools alike rather than on the one
+    running then; the run with the median wall time is kept."""
     size = sum(i.stat().st_size for i in images)
-    out: list[Result] = []
+    runs: dict[str, list[Measured]] = {name: [] for name in tools}
     with servers(images, workdir, filters, params) as srv:
-        for name, command in tools.items():
-            runs: list[Measured] = []
-            for _ in range(repeat):
+        for _ in range(repeat):
+            for name, command in tools.items():
                 targets = [workdir / f"target{i}.img" for i in range(len(images))]
                 for t in targets:
                     t.unlink(missing_ok=True)
-                runs.append(run_measured([command(s.uri, img, t)
-                                          for s, img, t in zip(srv, images, targets,
-                                                               strict=True)], workdir))
+                runs[name].append(run_measured(
+                    [command(s.uri, img, t) for s, img, t in zip(srv, images, targets,
+                                                                 strict=True)], workdir))
+                if name == SOURCE_FLOOR:
+                    continue  # it writes nothing
                 for img, t in zip(images, targets, strict=True):
                     if not same(img, t):
                         raise RuntimeError(f"{name} made a target that differs from {img}")
                     t.unlink()
-            median = sorted(runs, key=lambda m: m.wall)[len(runs) // 2]
-            out.append(Result(label, name, median.wall, median.cpu, median.rss, size))
-            print(f"  {label:9} {name:24} {median.wall:7.2f} s "
-                  f"(runs: {', '.join(f'{r.wall:.2f}' for r in runs)})", flush=True)
+    out: list[Result] = []
+    for name, measured in runs.items():
+        median = sorted(measured, key=lambda m: m.wall)[len(measured) // 2]
+        out.append(Result(label, name, median.wall, median.cpu, median.rss, size))
+        print(f"  {label:9} {name:24} {median.wall:7.2f} s "
+              f"(runs: {', '.join(f'{r.wall:.2f}' for r in measured)})", flush=True)
     return out
 
 
@@ -286,15 +300,15 @@ def table(results: list[Result]) -> str:
     for r in results:
         lines.append(f"| {r.workload} | {r.tool} | {r.wall:.2f} | {r.mib_s:.0f} | "
                      f"{r.cpu_per_gib:.2f} | {r.rss / MiB:.0f} |")
-    lines += ["", "| workload | transferd/nbdcopy (wall) | transferd/cp (wall) |",
-              "|---|---:|---:|"]
+    lines += ["", "| workload | transferd/nbdcopy (wall) | transferd/cp (wall) "
+              "| floor/cp (wall) |", "|---|---:|---:|---:|"]
     for workload in dict.fromkeys(r.workload for r in results):
         rows = {r.tool.split(" ")[0]: r for r in results if r.workload == workload}
-        ours = rows.get("transferd")
-        if ours is None:
+        if "transferd" not in rows:
             continue
-        ratios = [f"{ours.wall / rows[t].wall:.2f}" if t in rows else "-"
-                  for t in ("nbdcopy", "cp")]
+        ratios = [f"{rows[a].wall / rows[b].wall:.2f}" if a in rows and b in rows else "-"
+                  for a, b in (("transferd", "nbdcopy"), ("transferd", "cp"),
+                               ("floor", "cp"))]
         lines.append(f"| {workload} | {' | '.join(ratios)} |")
     return "\n".join(lines)
 
@@ -347,6 +361,7 @@ def main(argv: Sequence[str] | None = None) -> str:
             results += bench_tools("dense", {
                 "nbdcopy": nbdcopy(), "qemu-img convert": qemu_img, "cp": cp,
                 "transferd (ferry copy)": ferry_copy(*args.transferd_flags.split()),
+                SOURCE_FLOOR: nbdcopy_null,
             }, [dense], work, args.repeat)
         if "sparse" in chosen:
             sparse = work / "sparse.img"

@@ -20,13 +20,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TextIO
 from urllib.parse import quote, urlsplit
 
 import uvloop
 
 from ferry import errors
-from ferry.v1 import transfer_pb2 as pb
 from transferd import engine, extents
 from transferd.job import Job, Spec, check_target_for, first_error, tuning_from
 from transferd.sources.nbd import SCHEMES
@@ -36,6 +36,17 @@ FLAGS = {"request_size": "--request-size", "max_requests": "--requests",
          "max_bytes_in_flight": "--request-size"}
 SERVER_START_SECONDS = 30.0
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+@dataclass(frozen=True)
+class CopyOptions:
+    """The tunables `ferry copy` takes (0 or "": the profile's default)."""
+
+    request_size: int = 0
+    max_requests: int = 0
+    max_bytes_in_flight: int = 0
+    connections: int = 0
+    profile: str = ""
 
 
 def parse_size(text: str) -> int:
@@ -209,8 +220,8 @@ async def _report(job: Job, out: TextIO, tty: bool, state: dict[str, bool]) -> N
 
 async def copy(args: argparse.Namespace, uri: str, source_id: str,
                areas: tuple[tuple[int, int], ...] | None, out: TextIO) -> engine.Progress:
-    options = pb.TransferOptions(request_size=args.request_size, max_requests=args.requests,
-                                 connections=args.connections, profile=args.profile)
+    options = CopyOptions(request_size=args.request_size, max_requests=args.requests,
+                          connections=args.connections, profile=args.profile)
     spec = Spec(
         source_uri=uri,
         target_path=os.path.abspath(args.target),

@@ -13,10 +13,10 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from ferry import errors
 from ferry.errors import shown
-from ferry.v1 import transfer_pb2 as pb
 from transferd import checksum, engine, extents, journal
 from transferd.sources.nbd import NbdSource, check_uri
 from transferd.targets import check_target, is_block_device, open_target
@@ -57,7 +57,24 @@ def option_name(name: str) -> str:
     return f"options.{name}"
 
 
-def tuning_from(options: pb.TransferOptions,
+class Options(Protocol):
+    """The tunables a caller asks for, 0 or "" for the profile's default:
+    gRPC's TransferOptions, or `ferry copy`'s flags (which thereby start
+    without loading protobuf)."""
+
+    @property
+    def request_size(self) -> int: ...
+    @property
+    def max_requests(self) -> int: ...
+    @property
+    def max_bytes_in_flight(self) -> int: ...
+    @property
+    def connections(self) -> int: ...
+    @property
+    def profile(self) -> str: ...
+
+
+def tuning_from(options: Options,
                 flag: Callable[[str], str] = option_name) -> engine.Tuning:
     """Fills the profile's defaults into the options and refuses values out
     of range, each with the accepted range in the message. `flag` names an
