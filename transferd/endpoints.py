@@ -9,8 +9,11 @@ from typing import Protocol
 
 from transferd.extents import Extent
 
-# Runs on the thread that received a read, right after the data landed.
-Then = Callable[[memoryview], None]
+# Says how a write handed on ended: None once written, or the error.
+Done = Callable[[OSError | None], None]
+# Runs on the thread that received a read, right after the data landed: hands
+# the data on (to the target's writer) and calls `done` once it is written.
+Then = Callable[[memoryview, Done], None]
 
 
 class DeliveryFailed(Exception):
@@ -50,10 +53,10 @@ class Source(Protocol):
         ...
 
     async def read_into(self, offset: int, buf: memoryview, then: Then | None = None) -> None:
-        """Fills `buf` with the bytes at `offset`. `then(buf)` runs on the
-        thread that received the data, as soon as it landed and while it is
-        still in that core's cache; if it raises OSError, the read fails
-        with DeliveryFailed."""
+        """Fills `buf` with the bytes at `offset`. With `then`, `then(buf,
+        done)` runs on the thread that received the data as soon as it
+        landed, and the read ends when `done` is called; an error passed to
+        `done` fails the read with DeliveryFailed."""
         ...
 
     async def close(self) -> None: ...
@@ -71,10 +74,11 @@ class Target(Protocol):
         extents of the source need no write at all."""
         ...
 
-    def write(self, offset: int, data: memoryview) -> None:
-        """Writes synchronously on the calling thread (a source's receiving
-        thread, never the event loop); safe from several threads at once.
-        After `finish` or `abort` it refuses rather than touch a closed file."""
+    def write_soon(self, offset: int, data: memoryview, done: Done) -> None:
+        """Queues a write from any thread (a source's receiving thread, so
+        it can go back to receiving at once); `done` runs on a writer thread
+        when it is written or failed. After `finish` or `abort` the write is
+        refused (through `done`) rather than touch a closed file."""
         ...
 
     async def zero(self, offset: int, length: int) -> None: ...

@@ -232,8 +232,10 @@ async def copy(
         try:
             progress.inflight += 1
             try:
-                # The receiving thread writes the data as soon as it lands.
-                await source.read_into(offset, view, lambda data: target.write(offset, data))
+                # The receiving thread hands the data to the target's writer
+                # as soon as it lands; the read ends once it is written.
+                await source.read_into(
+                    offset, view, lambda data, done: target.write_soon(offset, data, done))
             except DeliveryFailed as e:
                 raise e.error from None
             finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import re
 import signal
 import subprocess
@@ -264,13 +265,17 @@ def test_copy_that_returns_early_is_failed_not_succeeded(
 
 
 def test_a_target_refuses_writes_once_closed(tmp_path: Path):
-    """Reads land and are written on the source's threads; one that lands
-    after the transfer ended must not write through a descriptor number
-    that may already belong to another file."""
+    """Reads land on the source's threads and are queued for the target's
+    writer; one that lands after the transfer ended must not write through a
+    descriptor number that may already belong to another file."""
     path = tmp_path / "out.img"
     target = FileTarget.open(str(path), MiB)
-    target.write(0, memoryview(b"x" * 4096))
+    outcomes: queue.SimpleQueue[OSError | None] = queue.SimpleQueue()
+    target.write_soon(0, memoryview(b"x" * 4096), outcomes.put)
+    assert outcomes.get(timeout=10) is None
     asyncio.run(target.finish())
-    with pytest.raises(OSError, match=f"file {path} is already closed"):
-        target.write(4096, memoryview(b"y" * 4096))
+    target.write_soon(4096, memoryview(b"y" * 4096), outcomes.put)
+    refused = outcomes.get(timeout=10)
+    assert isinstance(refused, OSError)
+    assert f"file {path} is already closed" in str(refused)
     assert path.read_bytes()[:4097] == b"x" * 4096 + b"\0"

@@ -99,13 +99,13 @@ class _Connection:
 
     Why a thread: receiving a reply is copying its data out of the socket,
     and libnbd's `poll` does that in C with the GIL released. A thread per
-    connection spreads those copies over every core, and runs a read's
-    `then` (the target write) right after, while the data is still in that
-    core's cache; an event loop driving all the handles did the copies on
-    one core, with a Python callback per socket wake-up, and handed the data
-    to another thread to write. The loop hands commands over through a
-    queue and awaits futures that the thread settles; nothing else touches
-    the handle. A lost connection fails every command in flight."""
+    connection spreads those copies over every core (an event loop driving
+    all the handles did them on one core, with a Python callback per socket
+    wake-up), and hands each read's data straight to the target's writer
+    (`then`) without a trip through the loop. The loop hands commands over
+    through a queue and awaits futures that the thread settles; nothing
+    else touches the handle. A lost connection fails every command in
+    flight."""
 
     def __init__(self, uri: str, loop: asyncio.AbstractEventLoop,
                  contexts: tuple[str, ...] = (nbd.CONTEXT_BASE_ALLOCATION,)) -> None:
@@ -117,7 +117,6 @@ class _Connection:
         self._stop = False
         self._outstanding = 0  # commands submitted and not settled (loop side)
         self._inflight: dict[int, _Command] = {}  # commands libnbd has (thread side)
-        self._landed: deque[_Command] = deque()  # reads whose `then` is due (thread side)
         self._lost: str | None = None
         self._info: _Info | None = None
         self._thread: threading.Thread | None = None
@@ -228,7 +227,6 @@ class _Connection:
                 # Replies are read inside poll, without the GIL; a command
                 # queued meanwhile waits for the next reply, or POLL_MS.
                 h.poll(POLL_MS)
-                self._deliver()
             except nbd.Error as e:
                 self._die(str(e))
                 return
@@ -250,7 +248,10 @@ class _Connection:
             if error.value:
                 self._settle(cmd.fut, error=OSError(error.value, os.strerror(error.value)))
             elif cmd.then is not None:
-                self._landed.append(cmd)  # handed on once poll returns
+                assert cmd.buf is not None
+                # The read ends once its data is written.
+                cmd.then(cmd.buf, lambda failed: self._settle(
+                    cmd.fut, error=None if failed is None else DeliveryFailed(failed)))
             else:
                 self._settle(cmd.fut, entries if cmd.kind == "block_status" else None)
             return 1  # retires the command inside libnbd
@@ -275,27 +276,13 @@ class _Connection:
                 raise
             self._settle(cmd.fut, error=OSError(e.errnum or errno.EIO, e.string))
 
-    def _deliver(self) -> None:
-        """Runs `then` for the reads that landed in the last poll, on this
-        thread while their data is still in this core's cache."""
-        while self._landed:
-            cmd = self._landed.popleft()
-            assert cmd.then is not None and cmd.buf is not None
-            try:
-                cmd.then(cmd.buf)
-            except OSError as e:
-                self._settle(cmd.fut, error=DeliveryFailed(e))
-            else:
-                self._settle(cmd.fut)
-
     def _die(self, reason: str) -> None:
         """The connection is gone: fail what waits on it, now and later."""
         with self._cond:
             self._lost = self._lost or reason
-            waiting = [*self._inflight.values(), *self._landed, *self._queue]
+            waiting = [*self._inflight.values(), *self._queue]
             self._queue.clear()
         self._inflight.clear()
-        self._landed.clear()
         for cmd in waiting:
             self._settle(cmd.fut, error=OSError(errno.ENOTCONN, reason))
 

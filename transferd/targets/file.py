@@ -8,7 +8,13 @@ import errno
 import os
 
 from ferry import errors
-from transferd.targets.local import LocalTarget, fallocate, open_direct, write_zeros
+from transferd.targets.local import (
+    PARALLEL_WRITERS,
+    LocalTarget,
+    fallocate,
+    open_direct,
+    write_zeros,
+)
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -25,7 +31,9 @@ class FileTarget(LocalTarget):
     kind = "file"
 
     def __init__(self, path: str, fd: int, created: bool, direct_fd: int = -1) -> None:
-        super().__init__(path, fd, reads_as_zero=created, direct_fd=direct_fd)
+        # O_DIRECT writes may run side by side; buffered ones one at a time.
+        super().__init__(path, fd, reads_as_zero=created, direct_fd=direct_fd,
+                         writers=PARALLEL_WRITERS if direct_fd >= 0 else 1)
         self._created = created
 
     @property
