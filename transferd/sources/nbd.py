@@ -267,7 +267,9 @@ class _Connection:
         try:
             if cmd.kind == "pread":
                 assert cmd.buf is not None
-                h.aio_pread(nbd.Buffer.from_buffer(cmd.buf), cmd.offset, completed)
+                # The view itself, not nbd.Buffer.from_buffer(view): libnbd
+                # 1.14 keeps a reference to a wrapped buffer for good.
+                h.aio_pread(cmd.buf, cmd.offset, completed)
             else:
                 h.aio_block_status(cmd.length, cmd.offset, extent, completed)
         except nbd.Error as e:
