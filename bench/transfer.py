@@ -320,20 +320,33 @@ def machine_note() -> str:
 
 
 def parse_size(text: str) -> int:
+    """A size such as 2G, 512M or 65536; positive."""
     units = {"K": 1 << 10, "M": MiB, "G": GiB}
-    return int(text[:-1]) * units[text[-1].upper()] if text[-1:].upper() in units \
-        else int(text)
+    number, unit = (text[:-1], units[text[-1].upper()]) if text[-1:].upper() in units \
+        else (text, 1)
+    if not number.isdigit() or int(number) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; pass e.g. 2G or 512M")
+    return int(number) * unit
+
+
+def parse_repeat(text: str) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of runs; pass 1 or more")
+    return int(text)
 
 
 def main(argv: Sequence[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else "",
                     help="where inputs and targets go (default /dev/shm when it fits)")
-    ap.add_argument("--dense-size", type=parse_size, default=2 * GiB)
-    ap.add_argument("--sparse-size", type=parse_size, default=16 * GiB)
+    ap.add_argument("--dense-size", type=parse_size, default=2 * GiB,
+                    help="size of the dense input, also the vddk one (default 2G)")
+    ap.add_argument("--sparse-size", type=parse_size, default=16 * GiB,
+                    help="virtual size of the sparse input, 5%% allocated (default 16G)")
     ap.add_argument("--parallel-size", type=parse_size, default=GiB,
-                    help="size of each of the four disks copied at once")
-    ap.add_argument("--repeat", type=int, default=3)
+                    help="size of each of the four disks copied at once (default 1G)")
+    ap.add_argument("--repeat", type=parse_repeat, default=3,
+                    help="runs per tool; the median is reported (default 3)")
     ap.add_argument("--transferd-flags", default="",
                     help="extra `ferry copy` flags for the dense and sparse runs, e.g. "
                     "'--connections 4'")

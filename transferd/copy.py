@@ -27,6 +27,7 @@ from urllib.parse import quote, urlsplit
 import uvloop
 
 from ferry import errors
+from ferry.errors import shown
 from transferd import engine, extents
 from transferd.job import Job, Spec, check_target_for, first_error, tuning_from
 from transferd.sources.nbd import SCHEMES
@@ -76,19 +77,25 @@ def parse_count(text: str) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="NBD URI (nbd://, nbd+unix://) or a local disk image")
-    p.add_argument("target", help="file (created or overwritten) or block device")
+    p.add_argument("source", help="NBD URI (nbd://, nbd+unix://, nbds://, nbds+unix://) "
+                   "or a local disk image (raw, qcow2, vmdk, ...)")
+    p.add_argument("target", help="file (created, or overwritten in place) or block device")
     p.add_argument("--verify", action="store_true",
                    help="compare block hashes of source and target after the copy")
     p.add_argument("--request-size", type=parse_size, default=0,
-                   help="largest read, e.g. 2M (default: the profile's)")
+                   help="largest read, a power of two from 4K to 32M (default 2M; at most "
+                   "2M with --profile vddk)")
     p.add_argument("--requests", type=parse_count, default=0,
-                   help="requests in flight per connection (default 16)")
+                   help="requests in flight per connection, up to 256 (default 16)")
     p.add_argument("--connections", type=parse_count, default=0,
-                   help="NBD connections; more than one only if the server allows multi-conn")
-    p.add_argument("--profile", default="", help="source profile: default or vddk")
+                   help="NBD connections, up to 16 (default 1); a server that does not "
+                   "advertise multi-conn gets one")
+    p.add_argument("--profile", default="",
+                   help="source profile: default, or vddk for nbdkit's VDDK plugin (one "
+                   "connection, requests of at most 2M)")
     p.add_argument("--direct", action="store_true",
-                   help="write the target with O_DIRECT (not on tmpfs)")
+                   help="write the target with O_DIRECT, past the page cache (the "
+                   "filesystem must support it)")
     p.add_argument("--changed-areas", metavar="FILE",
                    help="copy only these areas onto an earlier copy: JSON "
                    '[{"start": N, "length": N}, ...] or "OFFSET LENGTH" lines')
@@ -199,7 +206,7 @@ def progress_line(p: engine.Progress, rate: float, verifying: bool, bar: int = 0
     text = f"{fraction * 100:5.1f}% {_human(done)} of {_human(total)} {what}"
     if not verifying:
         text += f", {_human(rate)}/s"
-        eta = p.eta(rate)
+        eta = p.eta()
         if eta:
             text += f", {eta:.0f} s left"
     if bar:
@@ -290,6 +297,14 @@ async def _main(args: argparse.Namespace) -> int:
     if is_uri(args.source):
         await copy(args, args.source, args.source, areas, sys.stderr)
         return 0
+    scheme = urlsplit(args.source).scheme
+    if scheme and args.source.lower().startswith(f"{scheme}://"):
+        raise errors.InvalidInput(
+            f"source {shown(args.source)!r} is a URI ferry copy cannot read (scheme {scheme!r}); "
+            "pass an NBD URI "
+            f"({', '.join(s + '://' for s in SCHEMES)}) or a disk image (a file whose name "
+            "holds '://': pass it as ./NAME)"
+        )
     path = os.path.abspath(args.source)
     check_local_source(path)
     target = os.path.abspath(args.target)

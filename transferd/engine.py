@@ -43,11 +43,15 @@ class Tuning:
 class Progress:
     """Counters the engine moves; `on_bytes(kind, n)` mirrors them elsewhere
     (metrics) as they change. `planned` is what this run has to handle (the
-    plan's bytes less what an earlier run finished, `resumed`)."""
+    plan's bytes less what an earlier run finished, `resumed`); `mapped` is
+    how much of it the block status fetched so far describes, `to_read` the
+    data in that part."""
 
     size: int = 0
     planned: int = 0
     resumed: int = 0
+    mapped: int = 0
+    to_read: int = 0
     read: int = 0
     written: int = 0
     zeroed: int = 0
@@ -59,7 +63,7 @@ class Progress:
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
     on_bytes: Callable[[str, int], None] | None = None
-    _samples: deque[tuple[float, int]] = field(default_factory=deque)
+    _samples: deque[tuple[float, int, int]] = field(default_factory=deque)
 
     def add(self, kind: str, n: int) -> None:
         setattr(self, kind, getattr(self, kind) + n)
@@ -74,23 +78,40 @@ class Progress:
     def elapsed(self) -> float:
         return (self.finished or time.monotonic()) - self.started
 
+    def _base(self, now: float) -> tuple[float, int, int]:
+        """The oldest sample in the window as (time, done, read); the start
+        of the transfer when it is too recent to measure from."""
+        t0, d0, r0 = self._samples[0] if self._samples else (self.started, 0, 0)
+        return (self.started, 0, 0) if now - t0 < 0.5 else (t0, d0, r0)
+
     def rate(self) -> float:
         """(read + zeroed + skipped) per second over the last few seconds;
-        each call records a sample, and the oldest sample in the window is the
-        base (the start of the transfer when there is none)."""
+        each call records a sample for this and for `eta`."""
         now = self.finished or time.monotonic()
-        self._samples.append((now, self.done))
+        self._samples.append((now, self.done, self.read))
         while len(self._samples) > 1 and now - self._samples[1][0] >= RATE_WINDOW_SECONDS:
             self._samples.popleft()
-        t0, d0 = self._samples[0]
-        if now - t0 < 0.5:
-            t0, d0 = self.started, 0
+        t0, d0, _ = self._base(now)
         return (self.done - d0) / (now - t0) if now > t0 else 0.0
 
-    def eta(self, rate: float) -> float:
-        """Seconds left at `rate`; 0 when done or when nothing moves yet."""
+    def eta(self) -> float:
+        """Seconds left; 0 when done or when nothing moves yet. Reading is
+        what takes time (holes are skipped or zeroed almost at once), so it
+        is the data still to read at the recent read rate; where block
+        status is not fetched yet, the share of data seen so far stands in."""
         left = self.planned - self.done
-        return left / rate if rate > 0 and left > 0 else 0.0
+        now = self.finished or time.monotonic()
+        t0, d0, r0 = self._base(now)
+        if left <= 0 or now <= t0:
+            return 0.0
+        unread = self.to_read - self.read
+        if self.mapped:
+            unread += (self.planned - self.mapped) * self.to_read // self.mapped
+        read_rate = (self.read - r0) / (now - t0)
+        if unread > 0 and read_rate > 0:
+            return unread / read_rate
+        done_rate = (self.done - d0) / (now - t0)
+        return left / done_rate if done_rate > 0 else 0.0
 
 
 class _ByteBudget:
@@ -184,10 +205,12 @@ class Plan:
 
 
 async def _planned_steps(
-    source: Source, target: Target, plan: Plan, out: asyncio.Queue[list[extents.Step] | None]
+    source: Source, target: Target, plan: Plan, progress: Progress,
+    out: asyncio.Queue[list[extents.Step] | None],
 ) -> None:
     """Fetches block status window by window ahead of the reads and queues
-    each window's steps; None marks the end."""
+    each window's steps (counted into `progress` for the ETA); None marks
+    the end."""
     for area_offset, area_length in plan.covered(source.size):
         offset, end = area_offset, area_offset + area_length
         while offset < end:
@@ -196,7 +219,10 @@ async def _planned_steps(
                 steps = extents.plan(window, target.reads_as_zero)
             else:
                 steps = extents.changed_plan(window)
-            await out.put(extents.subtract(steps, plan.done))
+            left = extents.subtract(steps, plan.done)
+            progress.mapped += sum(s.length for s in left)
+            progress.to_read += sum(s.length for s in left if s.action is extents.Action.READ)
+            await out.put(left)
             offset = window[-1].end
     await out.put(None)
 
@@ -264,7 +290,7 @@ async def copy(
 
     try:
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(_planned_steps(source, target, plan, ahead))
+            tg.create_task(_planned_steps(source, target, plan, progress, ahead))
             while (steps := await ahead.get()) is not None:
                 for step in steps:
                     if step.action is extents.Action.SKIP:

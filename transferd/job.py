@@ -89,19 +89,23 @@ def tuning_from(options: Options,
             f"{', '.join(sorted(PROFILES))}"
         )
     request_size = options.request_size or profile.request_size
-    if not (engine.MIN_REQUEST_SIZE <= request_size <= profile.max_request_size
-            and _power_of_two(request_size)):
+    if not _power_of_two(request_size):
         raise errors.InvalidInput(
-            f"{flag('request_size')} {request_size} is not a power of two between "
-            f"{engine.MIN_REQUEST_SIZE} (4 KiB) and {profile.max_request_size} "
-            f"({profile.max_request_size // MiB} MiB, profile {profile_name}); "
-            "pass e.g. 2097152, or 0 for the default"
+            f"{flag('request_size')} {request_size} is not a power of two; pass e.g. "
+            "2097152 (2 MiB), or 0 for the default"
+        )
+    if not engine.MIN_REQUEST_SIZE <= request_size <= profile.max_request_size:
+        raise errors.InvalidInput(
+            f"{flag('request_size')} {request_size} is outside {engine.MIN_REQUEST_SIZE} "
+            f"(4 KiB) to {profile.max_request_size} ({profile.max_request_size // MiB} MiB), "
+            f"the range of profile {profile_name}; pass e.g. {profile.request_size}, or 0 "
+            "for the default"
         )
     max_requests = options.max_requests or profile.max_requests
     if max_requests > engine.MAX_MAX_REQUESTS:
         raise errors.InvalidInput(
             f"{flag('max_requests')} {max_requests} is above {engine.MAX_MAX_REQUESTS}; "
-            f"pass 1..256, or 0 for the default ({profile.max_requests})"
+            f"pass 1 to {engine.MAX_MAX_REQUESTS}, or 0 for the default ({profile.max_requests})"
         )
     in_flight = options.max_bytes_in_flight or max(
         engine.DEFAULT_MAX_BYTES_IN_FLIGHT, request_size
@@ -115,8 +119,9 @@ def tuning_from(options: Options,
     connections = options.connections or profile.connections
     if connections > profile.max_connections:
         raise errors.InvalidInput(
-            f"{flag('connections')} {connections} is above {profile.max_connections} "
-            f"(profile {profile_name}); pass 1..{profile.max_connections}, or 0 for the default"
+            f"{flag('connections')} {connections} is above {profile.max_connections}, the "
+            f"most profile {profile_name} uses; pass 1 to {profile.max_connections}, or 0 for "
+            f"the default ({profile.connections})"
         )
     return engine.Tuning(request_size, max_requests, in_flight, connections)
 
@@ -134,6 +139,14 @@ class Spec:
     dirty_bitmap: str = ""
     source_id: str = ""
     direct: bool = False
+
+    @property
+    def source_name(self) -> str:
+        """What messages call the source: the image file `ferry copy` serves
+        (its socket is temporary), else the URI."""
+        if self.source_id.startswith("file:"):
+            return self.source_id.removeprefix("file:")
+        return self.source_uri
 
     @property
     def incremental(self) -> bool:
@@ -222,7 +235,7 @@ class Job:
         if limit and spec.tuning.request_size > limit:
             raise errors.InvalidInput(
                 f"request size {spec.tuning.request_size} is above what source "
-                f"{spec.source_uri} accepts ({limit}); pass at most {limit}"
+                f"{spec.source_name} accepts ({limit}); pass at most {limit}"
             )
         size = source.size
         areas: tuple[tuple[int, int], ...] | None = None
@@ -231,12 +244,21 @@ class Job:
                 areas = tuple(extents.normalize_areas(spec.changed_areas, size))
             except ValueError as e:
                 raise errors.InvalidInput(
-                    f"changed areas do not fit source {spec.source_uri}: {e}; the list "
+                    f"changed areas do not fit source {spec.source_name}: {e}; the list "
                     "was made for another disk or snapshot"
                 ) from e
         elif spec.dirty_bitmap:
             areas = tuple(await source.dirty_areas(spec.dirty_bitmap, engine.STATUS_WINDOW))
         path = spec.target_path
+        if areas is not None and not is_block_device(path):
+            have = os.path.getsize(path)
+            if have != size:
+                raise errors.FailedPrecondition(
+                    f"target {path} holds {have} bytes but source {spec.source_name} has "
+                    f"{size}; an incremental copy (changed areas or dirty bitmap) goes onto "
+                    "the earlier full copy of this disk, which has its size: check the "
+                    "target, or copy the whole disk"
+                )
         identity = journal.Identity(spec.source_id or spec.source_uri, size, spec.plan_key())
         jpath = journal.journal_path(path, _journal_dir() if is_block_device(path) else "")
         loaded = journal.load(jpath, identity) if os.path.exists(path) else None
@@ -306,7 +328,7 @@ class Job:
         p = self.progress
         if p.done != p.planned or p.written != p.read:
             raise errors.OperationFailed(
-                f"the copy of {self.spec.source_uri} to {self.spec.target_path} stopped "
+                f"the copy of {self.spec.source_name} to {self.spec.target_path} stopped "
                 f"early: {p.done} of {p.planned} planned bytes handled, {p.read} read but "
                 f"{p.written} written; the target is incomplete, run the transfer again"
             )
@@ -338,7 +360,7 @@ class Job:
         if src != dst:
             self.journal.remove()
             raise VerifyFailed(
-                f"verification failed: source {self.spec.source_uri} has checksum {src} "
+                f"verification failed: source {self.spec.source_name} has checksum {src} "
                 f"but target {self.spec.target_path} has {dst}; the target is not a "
                 "faithful copy, do not use it and run the transfer again"
             )

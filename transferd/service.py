@@ -106,7 +106,7 @@ class _Record:
                 bytes_planned=p.planned,
                 bytes_resumed=p.resumed,
                 bytes_verified=p.verified,
-                eta_seconds=p.eta(rate) if self.state == State.TRANSFER_STATE_RUNNING else 0.0,
+                eta_seconds=p.eta() if self.state == State.TRANSFER_STATE_RUNNING else 0.0,
                 retries=p.retries,
                 inflight_bytes=p.inflight_bytes,
             ),

@@ -146,9 +146,12 @@ def test_a_full_target_fails_at_once_naming_the_target_not_the_source(
         (["{image}", "{tmp}/nodir/t.img"], "target directory {tmp}/nodir does not exist"),
         (["{image}", "{tmp}/out/t.img", "--request-size", "3M"],
          "--request-size 3145728 is not a power of two"),
-        (["{image}", "{tmp}/out/t.img", "--connections", "99"], "--connections 99 is above 16"),
+        (["{image}", "{tmp}/out/t.img", "--connections", "99"],
+         "--connections 99 is above 16, the most profile default uses; pass 1 to 16, or 0 for "
+         "the default (1)"),
         (["{image}", "{tmp}/out/t.img", "--profile", "vddk", "--request-size", "4M"],
-         "--request-size 4194304 is not a power of two between 4096 (4 KiB) and 2097152"),
+         "--request-size 4194304 is outside 4096 (4 KiB) to 2097152 (2 MiB), the range of "
+         "profile vddk"),
         (["{image}", "{image}"], "source and target are the same file"),
         (["{image}", "{tmp}/out/t.img", "--changed-areas", "{tmp}/areas.txt"],
          "target {tmp}/out/t.img does not exist; an incremental copy"),
@@ -158,7 +161,10 @@ def test_a_full_target_fails_at_once_naming_the_target_not_the_source(
          "target {tmp}/out/t.img does not exist; an incremental copy"),
         (["nbd+unix:///?socket={tmp}/none.sock", "{tmp}/out/t.img"],
          "source socket {tmp}/none.sock does not exist"),
-        (["http://example.invalid/d.img", "{tmp}/out/t.img"], "does not exist"),
+        (["http://example.invalid/d.img", "{tmp}/out/t.img"],
+         "source 'http://example.invalid/d.img' is a URI ferry copy cannot read (scheme 'http')"),
+        (["NBD+TLS://host/d", "{tmp}/out/t.img"],
+         "cannot read (scheme 'nbd+tls'); pass an NBD URI"),
     ],
 )
 def test_bad_input_exits_2_with_a_message_and_leaves_nothing(
@@ -191,6 +197,27 @@ def test_changed_areas_out_of_the_disk_are_refused_before_writing(image: Path, t
     assert not (tmp_path / "out.img.ferry-journal").exists()
 
 
+@pytest.mark.parametrize("size", [2 * SIZE, SIZE // 2])
+def test_an_incremental_copy_onto_a_target_of_another_size_is_refused(
+        image: Path, tmp_path: Path, size: int):
+    """The target of an incremental copy is the earlier full copy; one of
+    another size is the wrong file, and resizing it would destroy it."""
+    target = tmp_path / "out.img"
+    with target.open("wb") as f:
+        f.truncate(size)
+        f.write(b"\xaa" * 4096)
+    areas = tmp_path / "areas.txt"
+    areas.write_text("0 4096\n")
+    done = ferry_copy(image, target, "--changed-areas", areas)
+
+    assert done.returncode == 2
+    assert (f"target {target} holds {size} bytes but source {image} has {SIZE}; an "
+            "incremental copy") in done.stderr
+    assert target.stat().st_size == size
+    assert target.read_bytes()[:4096] == b"\xaa" * 4096
+    assert not (tmp_path / "out.img.ferry-journal").exists()
+
+
 @pytest.mark.parametrize(("text", "value"),
                          [("4096", 4096), ("2M", 2 * MiB), ("256K", 256 * KiB),
                           ("1GiB", 1 << 30), ("2m", 2 * MiB)])
@@ -205,12 +232,36 @@ def test_sizes_that_are_not_sizes_are_refused(text: str):
 
 
 def test_progress_line_shows_percent_rate_and_eta():
-    p = engine.Progress(size=4 * MiB, planned=4 * MiB, read=MiB, skipped=MiB)
+    # 1 MiB read in 2 s, 1 MiB of data left to read.
+    p = engine.Progress(size=4 * MiB, planned=4 * MiB, mapped=4 * MiB, to_read=2 * MiB,
+                        read=MiB, skipped=MiB, started=0.0, finished=2.0)
     assert progress_line(p, rate=MiB, verifying=False) == (
         " 50.0% 2.0 MiB of 4.0 MiB copied, 1.0 MiB/s, 2 s left")
     assert progress_line(p, rate=MiB, verifying=False, bar=10).startswith("[#####.....]  50.0%")
     p.verified = MiB
     assert progress_line(p, rate=0, verifying=True) == " 25.0% 1.0 MiB of 4.0 MiB verified"
+
+
+def test_eta_counts_the_data_left_to_read_not_the_holes():
+    """A sparse disk: 16 MiB read in 10 s, 16 MiB of data left, and the rest
+    holes that take no time; the ETA is 10 s, not 240 MiB at 1.6 MiB/s."""
+    p = engine.Progress(planned=256 * MiB, mapped=256 * MiB, to_read=32 * MiB,
+                        read=16 * MiB, started=0.0, finished=10.0)
+    assert p.eta() == pytest.approx(10.0)
+
+
+def test_eta_guesses_the_data_not_mapped_yet_from_what_was_mapped():
+    # A quarter mapped, a quarter of it data: 896 MiB to read at 12.8 MiB/s.
+    p = engine.Progress(planned=4096 * MiB, mapped=1024 * MiB, to_read=256 * MiB,
+                        read=128 * MiB, started=0.0, finished=10.0)
+    assert p.eta() == pytest.approx(70.0)
+
+
+def test_eta_is_0_when_nothing_moved_or_nothing_is_left():
+    assert engine.Progress(planned=MiB, mapped=MiB, to_read=MiB, started=0.0,
+                           finished=10.0).eta() == 0.0
+    assert engine.Progress(planned=MiB, mapped=MiB, to_read=MiB, read=MiB, started=0.0,
+                           finished=10.0).eta() == 0.0
 
 
 def test_progress_of_an_empty_plan_is_complete():

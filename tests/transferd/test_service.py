@@ -360,17 +360,19 @@ def test_missing_target_directory_is_not_found(
 @pytest.mark.parametrize(
     ("options", "field"),
     [
-        ({"request_size": 3 * MiB}, "options.request_size 3145728"),
+        ({"request_size": 3 * MiB}, "options.request_size 3145728 is not a power of two"),
         ({"request_size": 1 << 40}, "options.request_size 1099511627776"),
-        ({"request_size": 512}, "options.request_size 512"),
+        ({"request_size": 512}, "options.request_size 512 is outside 4096 (4 KiB) to 33554432"),
         ({"max_requests": 1000}, "options.max_requests 1000"),
         ({"max_bytes_in_flight": 1 << 40}, "options.max_bytes_in_flight"),
         ({"request_size": 8 * MiB, "max_bytes_in_flight": MiB}, "options.max_bytes_in_flight"),
         ({"connections": 17}, "options.connections 17 is above 16"),
         ({"profile": "vmware"}, "options.profile 'vmware' is unknown"),
         ({"profile": "vddk", "request_size": 4 * MiB},
-         "options.request_size 4194304 is not a power of two between 4096 (4 KiB) and 2097152"),
-        ({"profile": "vddk", "connections": 2}, "options.connections 2 is above 1 (profile vddk)"),
+         "options.request_size 4194304 is outside 4096 (4 KiB) to 2097152 (2 MiB), the range of "
+         "profile vddk"),
+        ({"profile": "vddk", "connections": 2},
+         "options.connections 2 is above 1, the most profile vddk uses"),
     ],
 )
 def test_bad_options_are_invalid_and_leave_nothing(

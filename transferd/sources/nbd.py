@@ -50,7 +50,7 @@ def check_uri(uri: str) -> None:
     before any connection is tried."""
     if not uri:
         raise errors.InvalidInput(
-            "source_uri is empty; pass nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH"
+            "the source URI is empty; pass nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH"
         )
     parts = urlsplit(uri)
     if parts.scheme not in SCHEMES:
@@ -68,7 +68,7 @@ def check_uri(uri: str) -> None:
         if not os.path.exists(path):
             raise errors.NotFound(
                 f"source socket {path} does not exist; start the NBD server "
-                f"(nbdkit, qemu-nbd) on it or fix source_uri {shown(uri)!r}"
+                f"(nbdkit, qemu-nbd) on it or fix the source URI {shown(uri)!r}"
             )
     elif not parts.hostname:
         raise errors.InvalidInput(f"source {shown(uri)!r} names no host; pass nbd://HOST[:PORT]/EXPORT")
@@ -198,9 +198,9 @@ class _Connection:
     def _unreachable(self, e: nbd.Error) -> errors.FerryError:
         """Failures before any NBD byte was exchanged."""
         if e.errnum == errno.ENOENT:
-            return errors.NotFound(f"source {self.uri} does not exist ({e}); fix source_uri")
+            return errors.NotFound(f"source {self.uri} does not exist ({e}); fix the source URI")
         return errors.Unavailable(
-            f"cannot reach source {self.uri}: {e}; start the NBD server or fix source_uri"
+            f"cannot reach source {self.uri}: {e}; start the NBD server or fix the source URI"
         )
 
     def _run(self, h: nbd.NBD) -> None:

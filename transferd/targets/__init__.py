@@ -21,7 +21,9 @@ from transferd.targets.local import LocalTarget
 def check_target(path: str) -> None:
     """Refuses a target path that cannot work, before anything is created."""
     if not path:
-        raise errors.InvalidInput("target_path is empty; pass the file or block device to write")
+        raise errors.InvalidInput(
+            "the target path is empty; pass the file or block device to write"
+        )
     if not os.path.isabs(path):
         raise errors.InvalidInput(f"target {path!r} is not an absolute path; pass a full path")
     try:
@@ -30,13 +32,13 @@ def check_target(path: str) -> None:
         parent = os.path.dirname(path)
         if not os.path.isdir(parent):
             raise errors.NotFound(
-                f"target directory {parent} does not exist; create it or fix target_path "
+                f"target directory {parent} does not exist; create it or fix the target path "
                 f"{path!r}"
             ) from None
         if not os.access(parent, os.W_OK | os.X_OK):
             raise errors.FailedPrecondition(
                 f"target directory {parent} is not writable by transferd; fix its "
-                "permissions or choose another target_path"
+                "permissions or choose another target"
             ) from None
         return
     if stat.S_ISDIR(st.st_mode):
@@ -71,7 +73,7 @@ def check_unlocked(path: str) -> None:
     if struct.unpack(_FLOCK, got)[0] != fcntl.F_UNLCK:
         raise errors.FailedPrecondition(
             f"target {path} is in use by another process (qemu-nbd/qemu holds a lock on "
-            "it); stop the process using it, or choose another target_path (a disk served "
+            "it); stop the process using it, or choose another target (a disk served "
             "as the source cannot be its own target)"
         )
 
