@@ -98,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         "target file it created; killed outright, it leaves the target and a journal "
         "(TARGET.ferry-journal beside a file), and the same command resumes the copy. "
         "Exit status: 0 only when the target is complete and flushed (and, with --verify, "
-        "equal to the source); 2 when an argument, the source or the target is wrong; 1 "
-        "when the copy failed or was interrupted.",
+        "equal to the source); 2 when an argument, the source or the target is wrong; "
+        "130 or 143 when interrupted by SIGINT or SIGTERM; 1 when the copy failed.",
     )
     from transferd.copy import add_arguments as add_copy_arguments
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -28,6 +30,7 @@ import uvloop
 
 from ferry import errors
 from ferry.errors import shown
+from ferry.process import die_with_parent
 from transferd import engine, extents
 from transferd.job import Job, Spec, check_target_for, first_error, tuning_from
 from transferd.sources.nbd import SCHEMES
@@ -36,6 +39,8 @@ FLAGS = {"request_size": "--request-size", "max_requests": "--requests",
          "connections": "--connections", "profile": "--profile",
          "max_bytes_in_flight": "--request-size"}
 SERVER_START_SECONDS = 30.0
+# A list of areas in text: about 20 bytes each, so millions of areas.
+MAX_AREAS_FILE = 256 << 20
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
@@ -66,11 +71,11 @@ def parse_size(text: str) -> int:
 def parse_count(text: str) -> int:
     """A count of things (requests, connections): 0 for the default or more;
     the option's own range is checked with the other options."""
-    if not text.strip().isdigit() or len(text.strip()) > 10:
+    if not text.strip().isdigit():
         raise argparse.ArgumentTypeError(
             f"{text[:40]!r} is not a whole number of 0 or more; pass e.g. 16, or 0 for the default"
         )
-    value = int(text)
+    value = int(text) if len(text.strip()) <= 10 else 1 << 32
     if value >= 1 << 32:
         raise argparse.ArgumentTypeError(f"{text!r} is far too large; pass e.g. 16")
     return value
@@ -111,11 +116,27 @@ def is_uri(source: str) -> bool:
 
 def read_areas(path: str) -> tuple[tuple[int, int], ...]:
     try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise errors.InvalidInput(
+                f"changed areas file {path} is not a regular file; write the list to a file "
+                "and pass that"
+            )
+        if st.st_size > MAX_AREAS_FILE:
+            raise errors.InvalidInput(
+                f"changed areas file {path} holds {st.st_size} bytes, more than a list of "
+                f"areas ever needs ({MAX_AREAS_FILE}); pass the right file"
+            )
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except FileNotFoundError:
         raise errors.NotFound(f"changed areas file {path} does not exist; fix "
                               "--changed-areas") from None
+    except UnicodeDecodeError as e:
+        raise errors.InvalidInput(
+            f"changed areas file {path} is not UTF-8 text (byte {e.start}); pass JSON or "
+            "OFFSET LENGTH lines"
+        ) from None
     except OSError as e:
         raise errors.InvalidInput(f"cannot read changed areas file {path}: {e.strerror}") from e
     try:
@@ -134,6 +155,13 @@ def image_format(path: str) -> str:
             f"{done.stderr.strip() or done.returncode}"
         )
     return str(json.loads(done.stdout)["format"])
+
+
+def image_identity(path: str) -> str:
+    """The image as a journal knows it: a resume after the image changed
+    (copied over, written to) starts over instead of mixing two images."""
+    st = os.stat(path)
+    return f"file:{path}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def check_local_source(path: str) -> None:
@@ -158,6 +186,11 @@ def served(path: str, bitmap: str) -> Iterator[str]:
             "and pass its NBD URI"
         )
     fmt = image_format(path)
+    # The control plane's check of local images: a truncated qcow2 or vmdk
+    # would otherwise be served, and copied, with zeros where data was.
+    from controlplane.providers.disk_images import check_consistency
+
+    check_consistency(path)
     with tempfile.TemporaryDirectory(prefix="ferry-copy-") as tmp:
         sock = os.path.join(tmp, "source.sock")
         pidfile = os.path.join(tmp, "qemu-nbd.pid")
@@ -165,8 +198,10 @@ def served(path: str, bitmap: str) -> Iterator[str]:
                 f"--format={fmt}", f"--socket={sock}", f"--pid-file={pidfile}"]
         if bitmap:
             argv.append(f"--bitmap={bitmap}")
+        # qemu-nbd goes when ferry copy goes, even killed with SIGKILL.
         proc = subprocess.Popen([*argv, path], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                preexec_fn=functools.partial(die_with_parent, os.getpid()))
         try:
             deadline = time.monotonic() + SERVER_START_SECONDS
             while not (os.path.exists(pidfile) and os.path.getsize(pidfile)):
@@ -226,7 +261,8 @@ async def _report(job: Job, out: TextIO, tty: bool, state: dict[str, bool]) -> N
 
 
 async def copy(args: argparse.Namespace, uri: str, source_id: str,
-               areas: tuple[tuple[int, int], ...] | None, out: TextIO) -> engine.Progress:
+               areas: tuple[tuple[int, int], ...] | None, out: TextIO,
+               label: str = "") -> engine.Progress:
     options = CopyOptions(request_size=args.request_size, max_requests=args.requests,
                           connections=args.connections, profile=args.profile)
     spec = Spec(
@@ -237,6 +273,7 @@ async def copy(args: argparse.Namespace, uri: str, source_id: str,
         changed_areas=areas,
         dirty_bitmap=args.dirty_bitmap,
         source_id=source_id,
+        source_label=label,
         direct=args.direct,
     )
     progress = engine.Progress()
@@ -284,19 +321,41 @@ async def copy(args: argparse.Namespace, uri: str, source_id: str,
 async def _main(args: argparse.Namespace) -> int:
     # SIGINT and SIGTERM stop the copy the way a cancel does: a target file
     # this copy created is removed (after SIGKILL it stays, with its journal,
-    # and the same command resumes it).
+    # and the same command resumes it). The exit status says which signal.
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None
+    stopped_by: list[int] = []
+
+    def stop(sig: int) -> None:
+        stopped_by.append(sig)
+        main.cancel()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, main.cancel)
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        await _copy_as_asked(args)
+    except (errors.Cancelled, asyncio.CancelledError) as e:
+        error = e if isinstance(e, errors.Cancelled) else errors.Cancelled(
+            "the copy was interrupted before it started; nothing was written")
+        if stopped_by:
+            error.exit_code = 128 + stopped_by[0]
+        raise error from None
+    return 0
+
+
+async def _copy_as_asked(args: argparse.Namespace) -> None:
+    if not args.target:
+        raise errors.InvalidInput("the target is empty; pass a file or a block device")
     if args.changed_areas and args.dirty_bitmap:
         raise errors.InvalidInput("--changed-areas and --dirty-bitmap were both given; "
                                   "pass one of them")
     areas = read_areas(args.changed_areas) if args.changed_areas else None
+    if not args.source:
+        raise errors.InvalidInput("the source is empty; pass a disk image or an NBD URI")
     if is_uri(args.source):
         await copy(args, args.source, args.source, areas, sys.stderr)
-        return 0
+        return
     scheme = urlsplit(args.source).scheme
     if scheme and args.source.lower().startswith(f"{scheme}://"):
         raise errors.InvalidInput(
@@ -314,15 +373,9 @@ async def _main(args: argparse.Namespace) -> int:
     # Before qemu-nbd starts, so these come first and cost nothing.
     check_target_for(target, bool(args.changed_areas or args.dirty_bitmap))
     with served(path, args.dirty_bitmap) as uri:
-        await copy(args, uri, f"file:{path}", areas, sys.stderr)
-    return 0
+        await copy(args, uri, image_identity(path), areas, sys.stderr, label=path)
 
 
 def run_copy(args: argparse.Namespace) -> int:
     """The `ferry copy` command; raises FerryError for the CLI to report."""
-    try:
-        return int(uvloop.run(_main(args)))
-    except asyncio.CancelledError:
-        # Interrupted before the target was opened.
-        raise errors.Cancelled("the copy was interrupted before it started; nothing was "
-                               "written") from None
+    return int(uvloop.run(_main(args)))

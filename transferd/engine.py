@@ -37,6 +37,9 @@ class Tuning:
     max_requests: int = DEFAULT_MAX_REQUESTS
     max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT
     connections: int = 1
+    # False when request_size is the profile's default, which a server's
+    # smaller limit may lower; an explicit size is refused instead.
+    request_size_asked: bool = False
 
 
 @dataclass

@@ -240,10 +240,11 @@ def parse_areas(text: str) -> list[tuple[int, int]]:
                 pair = (item[0], item[1])
             else:
                 pair = (None, None)
-            if not all(isinstance(x, int) and not isinstance(x, bool) for x in pair):
+            if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                       for x in pair):
                 raise ValueError(
                     f"area {i} is {item!r}; expected {{\"start\": N, \"length\": N}} "
-                    "or [OFFSET, LENGTH] with integers"
+                    "or [OFFSET, LENGTH] with integers of 0 or more"
                 )
             out.append((int(pair[0]), int(pair[1])))  # type: ignore[arg-type]
         return out

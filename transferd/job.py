@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import errno
 import hashlib
 import logging
 import os
@@ -19,7 +21,7 @@ from ferry import errors
 from ferry.errors import shown
 from transferd import checksum, engine, extents, journal
 from transferd.sources.nbd import NbdSource, check_uri
-from transferd.targets import check_target, is_block_device, open_target
+from transferd.targets import check_device_size, check_target, is_block_device, open_target
 from transferd.targets.local import LocalTarget
 
 log = logging.getLogger(__name__)
@@ -123,13 +125,15 @@ def tuning_from(options: Options,
             f"most profile {profile_name} uses; pass 1 to {profile.max_connections}, or 0 for "
             f"the default ({profile.connections})"
         )
-    return engine.Tuning(request_size, max_requests, in_flight, connections)
+    return engine.Tuning(request_size, max_requests, in_flight, connections,
+                         request_size_asked=bool(options.request_size))
 
 
 @dataclass(frozen=True)
 class Spec:
     """What to copy where. `source_id` names the source in the journal (the
-    URI unless the URI changes between runs, as a temporary socket does)."""
+    URI unless the URI changes between runs, as a temporary socket does);
+    `source_label` is what messages call it (the URI when empty)."""
 
     source_uri: str
     target_path: str
@@ -138,15 +142,12 @@ class Spec:
     changed_areas: tuple[tuple[int, int], ...] | None = None
     dirty_bitmap: str = ""
     source_id: str = ""
+    source_label: str = ""
     direct: bool = False
 
     @property
     def source_name(self) -> str:
-        """What messages call the source: the image file `ferry copy` serves
-        (its socket is temporary), else the URI."""
-        if self.source_id.startswith("file:"):
-            return self.source_id.removeprefix("file:")
-        return self.source_uri
+        return self.source_label or self.source_uri
 
     @property
     def incremental(self) -> bool:
@@ -190,6 +191,75 @@ def _journal_dir() -> str:
     return os.path.join(base, "transferd-journals")
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """What opening a transfer found out before touching the target."""
+
+    spec: Spec
+    plan: engine.Plan
+    identity: journal.Identity
+    journal_path: str
+    created_before: bool
+
+
+async def _prepare(spec: Spec, source: NbdSource, progress: engine.Progress) -> _Prepared:
+    """Everything a transfer checks once the source is open, before the
+    target is created or changed: request size, areas, the target's size
+    and journal. Fills in the sizes of `progress`."""
+    limit = source.max_request
+    if limit and spec.tuning.request_size > limit:
+        if spec.tuning.request_size_asked:
+            raise errors.InvalidInput(
+                f"request size {spec.tuning.request_size} is above what source "
+                f"{spec.source_name} accepts ({limit}); ask for at most {limit}"
+            )
+        # The profile's default is only a default: the server's limit wins.
+        request_size = 1 << (limit.bit_length() - 1)
+        spec = dataclasses.replace(spec, tuning=dataclasses.replace(spec.tuning,
+                                                                    request_size=request_size))
+    size = source.size
+    areas: tuple[tuple[int, int], ...] | None = None
+    if spec.changed_areas is not None:
+        try:
+            areas = tuple(extents.normalize_areas(spec.changed_areas, size))
+        except ValueError as e:
+            raise errors.InvalidInput(
+                f"changed areas do not fit source {spec.source_name}: {e}; the list "
+                "was made for another disk or snapshot"
+            ) from e
+    elif spec.dirty_bitmap:
+        areas = tuple(await source.dirty_areas(spec.dirty_bitmap, engine.STATUS_WINDOW))
+    path = spec.target_path
+    block = is_block_device(path)
+    if block:
+        check_device_size(path, size)
+    elif areas is not None:
+        have = os.path.getsize(path)
+        if have != size:
+            raise errors.FailedPrecondition(
+                f"target {path} holds {have} bytes but source {spec.source_name} has "
+                f"{size}; an incremental copy (changed areas or dirty bitmap) goes onto "
+                "the earlier full copy of this disk, which has its size: check the "
+                "target, or copy the whole disk"
+            )
+    identity = journal.Identity(spec.source_id or spec.source_uri, size, spec.plan_key())
+    jpath = journal.journal_path(path, _journal_dir() if block else "")
+    loaded = journal.load(jpath, identity, path) if os.path.exists(path) else None
+    if loaded is None and areas is not None and (old := journal.read_header(jpath)):
+        raise errors.FailedPrecondition(
+            f"target {path} holds an unfinished transfer (its journal {jpath} is about "
+            f"{old.get('plan', '?')} from {old.get('source', '?')}); an incremental copy "
+            "goes onto a complete copy: run that transfer again to finish it, or copy "
+            "the whole disk"
+        )
+    done, created_before = loaded if loaded is not None else ([], False)
+    plan = engine.Plan(areas, tuple(done))
+    progress.size = size
+    progress.planned = plan.remaining(size)
+    progress.resumed = engine.Plan(areas).remaining(size) - progress.planned
+    return _Prepared(spec, plan, identity, jpath, created_before)
+
+
 def first_error(e: BaseException) -> BaseException:
     """The engine's TaskGroup raises a group; the first leaf is the cause."""
     while isinstance(e, BaseExceptionGroup):
@@ -223,62 +293,44 @@ class Job:
         source = await NbdSource.open(spec.source_uri, spec.tuning.connections,
                                       spec.dirty_bitmap, on_retry=on_retry)
         try:
-            return await cls._open_with(spec, source, progress)
+            ready = await _prepare(spec, source, progress)
+            return cls._open_target(ready, source, progress)
         except BaseException:
             await source.close()
             raise
 
     @classmethod
-    async def _open_with(cls, spec: Spec, source: NbdSource,
-                         progress: engine.Progress) -> Job:
-        limit = source.max_request
-        if limit and spec.tuning.request_size > limit:
-            raise errors.InvalidInput(
-                f"request size {spec.tuning.request_size} is above what source "
-                f"{spec.source_name} accepts ({limit}); pass at most {limit}"
-            )
-        size = source.size
-        areas: tuple[tuple[int, int], ...] | None = None
-        if spec.changed_areas is not None:
-            try:
-                areas = tuple(extents.normalize_areas(spec.changed_areas, size))
-            except ValueError as e:
-                raise errors.InvalidInput(
-                    f"changed areas do not fit source {spec.source_name}: {e}; the list "
-                    "was made for another disk or snapshot"
-                ) from e
-        elif spec.dirty_bitmap:
-            areas = tuple(await source.dirty_areas(spec.dirty_bitmap, engine.STATUS_WINDOW))
-        path = spec.target_path
-        if areas is not None and not is_block_device(path):
-            have = os.path.getsize(path)
-            if have != size:
-                raise errors.FailedPrecondition(
-                    f"target {path} holds {have} bytes but source {spec.source_name} has "
-                    f"{size}; an incremental copy (changed areas or dirty bitmap) goes onto "
-                    "the earlier full copy of this disk, which has its size: check the "
-                    "target, or copy the whole disk"
-                )
-        identity = journal.Identity(spec.source_id or spec.source_uri, size, spec.plan_key())
-        jpath = journal.journal_path(path, _journal_dir() if is_block_device(path) else "")
-        loaded = journal.load(jpath, identity) if os.path.exists(path) else None
-        done, created_before = loaded if loaded is not None else ([], False)
-        target = open_target(path, size, created_before, spec.direct)
+    async def check(cls, spec: Spec, progress: engine.Progress) -> int:
+        """Validates what `open` would, without creating or changing the
+        target (for a transfer that has to wait its turn), and fills in the
+        sizes of `progress`; returns the connections the source allows."""
+        check_spec(spec)
+        source = await NbdSource.open(spec.source_uri, spec.tuning.connections,
+                                      spec.dirty_bitmap)
+        try:
+            await _prepare(spec, source, progress)
+            return source.connections
+        finally:
+            await source.close()
+
+    @classmethod
+    def _open_target(cls, ready: _Prepared, source: NbdSource,
+                     progress: engine.Progress) -> Job:
+        spec, path = ready.spec, ready.spec.target_path
+        target = open_target(path, source.size, ready.created_before, spec.direct)
         try:
             if is_block_device(path):
-                os.makedirs(os.path.dirname(jpath), exist_ok=True)
-            jnl = journal.Journal.create(jpath, identity, target.created, done)
+                os.makedirs(os.path.dirname(ready.journal_path), exist_ok=True)
+            jnl = journal.Journal.create(ready.journal_path, ready.identity, target.created,
+                                         ready.plan.done, path)
         except OSError as e:
+            fix = ("free space there" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+                   else "make the directory writable")
             log.warning("cannot write the transfer journal %s (%s): the transfer of %s "
-                        "cannot resume if transferd stops; make the directory writable",
-                        jpath, e.strerror, path)
-            jnl = journal.Journal.disabled(jpath)
-        plan = engine.Plan(areas, tuple(done))
-        whole = engine.Plan(areas).remaining(size)
-        progress.size = size
-        progress.planned = plan.remaining(size)
-        progress.resumed = whole - progress.planned
-        return cls(spec, source, target, plan, jnl, progress)
+                        "cannot resume if transferd stops; %s", ready.journal_path,
+                        e.strerror, path, fix)
+            jnl = journal.Journal.disabled(ready.journal_path)
+        return cls(spec, source, target, ready.plan, jnl, progress)
 
     @property
     def connections(self) -> int:
@@ -336,6 +388,7 @@ class Job:
     def finish(self) -> None:
         """The transfer is complete: its journal has no more use."""
         self.journal.remove()
+        journal.unmark(self.spec.target_path)
 
     async def verify(self) -> None:
         """Hashes source and target at once and compares. Progress counts
@@ -378,6 +431,19 @@ class Job:
             note += (f"; the journal {self.journal.path} was kept, so the same transfer "
                      "started again resumes")
         return note
+
+    async def suspend(self) -> str:
+        """After the copy was stopped for a shutdown (not by the operator):
+        makes what was written durable and journaled, and keeps the target
+        and its journal, even a target this transfer created, for a resume."""
+        await self.target.finish()
+        self.journal.commit(self.journal.take())
+        self.journal.close()
+        if not self.journal.enabled:
+            return (f"the target {self.spec.target_path} was kept, without a journal: the "
+                    "transfer starts over when it runs again")
+        return (f"the target {self.spec.target_path} and its journal {self.journal.path} "
+                "were kept; the same transfer started again resumes")
 
     async def close(self) -> None:
         self.journal.close()

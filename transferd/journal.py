@@ -2,9 +2,9 @@
 starts again after transferd died (SIGKILL, a node lost) copies only what was
 not done.
 
-The first line says what the journal is about (source, size, plan, whether
-the transfer created the target file); each later line is one completed
-range, "OFFSET LENGTH". Ranges are appended only after the target was flushed
+The first line says what the journal is about (source, size, plan, which
+target, whether the transfer created the target file); each later line is
+one completed range, "OFFSET LENGTH". Ranges are appended only after the target was flushed
 (fdatasync), so a range in the journal is on disk even after a power loss. A
 torn last line (the process died while writing it) is ignored.
 """
@@ -12,9 +12,12 @@ torn last line (the process died while writing it) is ignored.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import stat
+import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -23,7 +26,12 @@ from transferd.extents import normalize_areas
 log = logging.getLogger(__name__)
 
 SUFFIX = ".ferry-journal"
-VERSION = 1
+VERSION = 2
+# The mark a journal puts on its target file, so that a file deleted and made
+# again under the same name (even with the same inode number) is not trusted.
+MARK_XATTR = "user.ferry.journal"
+# What says which device backs a block device, where the kernel tells.
+_BACKING = ("loop/backing_file", "loop/offset", "dm/uuid", "wwid", "device/wwid", "serial")
 # Completed ranges are made durable and journaled this often.
 CHECKPOINT_SECONDS = 1.0
 
@@ -40,17 +48,73 @@ class Identity:
 
 def journal_path(target_path: str, journal_dir: str) -> str:
     """Beside a file target; in `journal_dir` for a block device, whose
-    directory (/dev) is no place for files."""
+    directory (/dev) is no place for files, under a name no other path maps to."""
     if not journal_dir:
         return target_path + SUFFIX
-    name = target_path.strip("/").replace("/", "_")
-    return os.path.join(journal_dir, name + SUFFIX)
+    digest = hashlib.sha256(target_path.encode()).hexdigest()[:16]
+    return os.path.join(journal_dir, f"{os.path.basename(target_path)}-{digest}{SUFFIX}")
 
 
-def load(path: str, identity: Identity) -> tuple[list[tuple[int, int]], bool] | None:
+def _read_sysfs(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def target_identity(path: str) -> str:
+    """Which target this is, as a journal checks before it is trusted: a
+    file's device, inode, size and the journal's mark on it; a block
+    device's number and size and, where the kernel says, what backs it
+    (a loop device's file, a device-mapper UUID, a disk's WWID or serial).
+    "" when the target does not exist."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return ""
+    if stat.S_ISBLK(st.st_mode):
+        sysfs = f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+        backing = [_read_sysfs(f"{sysfs}/{name}") for name in _BACKING]
+        return ":".join(["block", str(st.st_rdev), _read_sysfs(f"{sysfs}/size"), *backing])
+    try:
+        mark = os.getxattr(path, MARK_XATTR).decode(errors="replace")
+    except OSError:
+        mark = ""  # never marked, or the filesystem keeps no user attributes
+    return f"file:{st.st_dev}:{st.st_ino}:{st.st_size}:{mark}"
+
+
+def _mark(target_path: str) -> None:
+    """Marks a file target anew (a block device takes no attributes)."""
+    if stat.S_ISREG(os.stat(target_path).st_mode):
+        with contextlib.suppress(OSError):
+            os.setxattr(target_path, MARK_XATTR, uuid.uuid4().hex.encode())
+
+
+def unmark(target_path: str) -> None:
+    """Takes the mark off a complete target."""
+    with contextlib.suppress(OSError):
+        os.removexattr(target_path, MARK_XATTR)
+
+
+def read_header(path: str) -> dict[str, object] | None:
+    """The first line of the journal at `path`, or None when there is none
+    (or it is unreadable)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline()
+        value = json.loads(first)
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def load(path: str, identity: Identity, target_path: str
+         ) -> tuple[list[tuple[int, int]], bool] | None:
     """The completed ranges and whether the transfer created the target, or
-    None when there is no journal for this identity (a journal about another
-    source, size or plan is ignored and later replaced)."""
+    None when there is no journal for this identity and this very target (a
+    journal about another source, size, plan or target is ignored and later
+    replaced)."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().split("\n")
@@ -65,6 +129,10 @@ def load(path: str, identity: Identity) -> tuple[list[tuple[int, int]], bool] | 
         header.get("source", ""), header.get("size", -1), header.get("plan", "")
     ) != identity:
         log.warning("journal %s is about another transfer (%s); starting over", path, header)
+        return None
+    if header.get("target") != target_identity(target_path):
+        log.warning("journal %s is about another target than %s (it was replaced or changed "
+                    "since); starting over", path, target_path)
         return None
     done: list[tuple[int, int]] = []
     # The last element follows the last newline: empty, or a torn line.
@@ -100,11 +168,14 @@ class Journal:
 
     @classmethod
     def create(cls, path: str, identity: Identity, created: bool,
-               done: Sequence[tuple[int, int]]) -> Journal:
-        """Writes a fresh journal (header plus the ranges already done, merged)
-        and replaces any older one atomically."""
+               done: Sequence[tuple[int, int]], target_path: str) -> Journal:
+        """Marks the (open) target, writes a fresh journal about it (header
+        plus the ranges already done, merged) and replaces any older one
+        atomically."""
+        _mark(target_path)
         tmp = path + ".tmp"
-        header = json.dumps({"version": VERSION, **asdict(identity), "created": created})
+        header = json.dumps({"version": VERSION, **asdict(identity),
+                             "target": target_identity(target_path), "created": created})
         body = "".join(f"{o} {n}\n" for o, n in done)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:

@@ -126,7 +126,7 @@ def inspect_image(path: str) -> ImageInfo:
     if backing:
         _check_backing(path, str(backing))
     if fmt != "raw":
-        _check_consistency(path)
+        check_consistency(path)
     if fmt == "raw":
         with open(path, "rb") as f:
             head = f.read(4104)
@@ -148,7 +148,7 @@ def _corrupt(path: str, detail: str) -> ImageProblem:
     )
 
 
-def _check_consistency(path: str) -> None:
+def check_consistency(path: str) -> None:
     """`qemu-img info` only reads the header, so a truncated qcow2/vmdk passes
     it and would be copied as zeros; `qemu-img check` walks the metadata
     (fast: no data is read). Exit 3 means leaked clusters only, which lose no

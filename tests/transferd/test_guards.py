@@ -135,7 +135,8 @@ def test_target_that_qemu_nbd_serves_as_the_source_is_refused(
                                 check=False)
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert details(e.value).startswith(
-        f"target {victim} is in use by another process (qemu-nbd/qemu holds a lock on it)")
+        f"target {victim} is in use by another process (a transfer writing it, or "
+        "qemu-nbd/qemu, holds a lock on it)")
     assert copied.returncode == 2
     assert f"target {victim} is in use by another process" in copied.stderr
     assert sha256_of(victim) == before
@@ -198,7 +199,8 @@ def test_checksum_with_a_nul_byte_is_invalid(transferd: Transferd):
          "argument --request-size: '99999999999999999999999' is not a size"),
         (["--request-size", "99999999999999999999"],
          "argument --request-size: '99999999999999999999' is far too large"),
-        (["--connections", "99999999999"], "argument --connections: '99999999999' is not a whole"),
+        (["--connections", "99999999999"],
+         "argument --connections: '99999999999' is far too large"),
     ],
 )
 def test_copy_refuses_numbers_out_of_range_before_anything_is_created(

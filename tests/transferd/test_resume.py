@@ -110,7 +110,7 @@ def test_journal_of_another_source_is_not_trusted(image: Path, tmp_path: Path):
     target.write_bytes(bytes(SIZE))
     j = journal.Journal.create(f"{target}{journal.SUFFIX}",
                                journal.Identity("nbd://elsewhere/", SIZE, "full"),
-                               created=True, done=[(0, SIZE)])
+                               created=True, done=[(0, SIZE)], target_path=str(target))
     j.close()
     with NbdServer.nbdkit(image, tmp_path / "nbd.sock") as server, \
             transferd_process(tmp_path / "t.sock") as (_, stub):
@@ -125,14 +125,18 @@ def test_journal_of_another_source_is_not_trusted(image: Path, tmp_path: Path):
 
 def test_journal_load_ignores_a_torn_last_line(tmp_path: Path):
     path = str(tmp_path / "j")
+    target = tmp_path / "t"
+    target.write_bytes(bytes(1 << 20))
     ident = journal.Identity("nbd://h/", 1 << 20, "full")
-    j = journal.Journal.create(path, ident, created=False, done=[(0, 4096)])
+    j = journal.Journal.create(path, ident, created=False, done=[(0, 4096)],
+                               target_path=str(target))
     j.commit([(8192, 4096), (12288, 4096)])
     j.close()
     with open(path, "a") as f:
         f.write("16384 40")  # the process died here
-    assert journal.load(path, ident) == ([(0, 4096), (8192, 8192)], False)
-    assert journal.load(path, journal.Identity("nbd://h/", 1 << 20, "dirty-bitmap:b")) is None
+    assert journal.load(path, ident, str(target)) == ([(0, 4096), (8192, 8192)], False)
+    assert journal.load(path, journal.Identity("nbd://h/", 1 << 20, "dirty-bitmap:b"),
+                        str(target)) is None
 
 
 def test_unwritable_journal_directory_only_costs_the_resume(
@@ -144,6 +148,7 @@ def test_unwritable_journal_directory_only_costs_the_resume(
     blocker.write_text("a file where a directory should be")
     monkeypatch.setenv("FERRY_STATE_DIR", str(blocker))
     monkeypatch.setattr("transferd.job.is_block_device", lambda path: True)
+    monkeypatch.setattr("transferd.job.check_device_size", lambda path, size: None)
     image = tmp_path / "d.img"
     image.write_bytes(os.urandom(MiB))
     target = tmp_path / "out.img"

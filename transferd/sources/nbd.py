@@ -39,6 +39,8 @@ T = TypeVar("T")
 
 SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix")
 CONNECT_TIMEOUT_SECONDS = 30.0
+# The first connection proved the server there; more are only extra speed.
+EXTRA_CONNECT_SECONDS = 5.0
 DISCONNECT_TIMEOUT_SECONDS = 5.0
 # How long a connection's thread waits in poll before it looks for new
 # commands (new commands do not interrupt a poll) and for a stop.
@@ -58,9 +60,17 @@ def check_uri(uri: str) -> None:
             f"source {shown(uri)!r} is not an NBD URI (scheme {parts.scheme!r}); pass "
             "nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH"
         )
+    if not uri.startswith(parts.scheme):
+        raise errors.InvalidInput(
+            f"source {shown(uri)!r}: write the scheme in lower case ({parts.scheme}://)"
+        )
     if parts.scheme.endswith("+unix"):
         sockets = parse_qs(parts.query).get("socket", [])
-        if len(sockets) != 1 or not sockets[0]:
+        if len(sockets) > 1:
+            raise errors.InvalidInput(
+                f"source {shown(uri)!r} names {len(sockets)} sockets; give socket= once"
+            )
+        if not sockets or not sockets[0]:
             raise errors.InvalidInput(
                 f"source {shown(uri)!r} names no socket; add ?socket=PATH to the URI"
             )
@@ -72,6 +82,16 @@ def check_uri(uri: str) -> None:
             )
     elif not parts.hostname:
         raise errors.InvalidInput(f"source {shown(uri)!r} names no host; pass nbd://HOST[:PORT]/EXPORT")
+    else:
+        try:
+            port = parts.port
+        except ValueError:
+            port = 0
+        if port == 0 and parts.netloc.rpartition("]")[2].count(":"):
+            raise errors.InvalidInput(
+                f"source {shown(uri)!r} has a port that is not a number from 1 to 65535; "
+                "fix it, or leave it out for NBD's 10809"
+            )
 
 
 @dataclass(frozen=True)
@@ -108,8 +128,10 @@ class _Connection:
     flight."""
 
     def __init__(self, uri: str, loop: asyncio.AbstractEventLoop,
-                 contexts: tuple[str, ...] = (nbd.CONTEXT_BASE_ALLOCATION,)) -> None:
+                 contexts: tuple[str, ...] = (nbd.CONTEXT_BASE_ALLOCATION,),
+                 timeout: float = CONNECT_TIMEOUT_SECONDS) -> None:
         self.uri = uri
+        self._timeout = timeout
         self._loop = loop
         self._contexts = contexts
         self._queue: deque[_Command] = deque()
@@ -176,7 +198,7 @@ class _Connection:
             h.aio_connect_uri(self.uri)
         except nbd.Error as e:
             raise self._unreachable(e) from e
-        deadline = time.monotonic() + CONNECT_TIMEOUT_SECONDS
+        deadline = time.monotonic() + self._timeout
         try:
             while not h.aio_is_ready():
                 if self._stop:
@@ -186,7 +208,7 @@ class _Connection:
                 if time.monotonic() > deadline:
                     raise errors.Unavailable(
                         f"source {self.uri} did not complete the NBD handshake within "
-                        f"{CONNECT_TIMEOUT_SECONDS:.0f} s; check that an NBD server listens there"
+                        f"{self._timeout:.0f} s; check that an NBD server listens there"
                     )
                 h.poll(POLL_MS)
         except nbd.Error as e:
@@ -423,9 +445,19 @@ class NbdSource:
                     f"(qemu-nbd -B {bitmap}) or copy without --dirty-bitmap"
                 )
             if connections > 1 and first.can_multi_conn:
-                more = [_Connection(uri, loop, contexts) for _ in range(connections - 1)]
-                await asyncio.gather(*(c.connect() for c in more))
-                conns += more
+                more = [_Connection(uri, loop, contexts, EXTRA_CONNECT_SECONDS)
+                        for _ in range(connections - 1)]
+                got = await asyncio.gather(*(c.connect() for c in more), return_exceptions=True)
+                for c, outcome in zip(more, got, strict=True):
+                    if outcome is None:
+                        conns.append(c)
+                    elif not isinstance(outcome, errors.FerryError):
+                        raise outcome
+                if len(conns) < connections:
+                    # A server may take fewer clients than it allows
+                    # multi-conn for (qemu-nbd --shared=N): copy over those.
+                    log.warning("source %s took %d of the %d connections asked for; copying "
+                                "over %d", uri, len(conns), connections, len(conns))
         except BaseException:
             for c in conns:
                 c.close()

@@ -13,9 +13,9 @@ import stat
 import struct
 
 from ferry import errors
-from transferd.targets.block import BlockTarget
+from transferd.targets.block import BlockTarget, device_size
 from transferd.targets.file import FileTarget
-from transferd.targets.local import LocalTarget
+from transferd.targets.local import FLOCK, LocalTarget, in_use, kernel_filesystem
 
 
 def check_target(path: str) -> None:
@@ -29,6 +29,11 @@ def check_target(path: str) -> None:
     try:
         st = os.stat(path)
     except FileNotFoundError:
+        if os.path.islink(path):
+            raise errors.NotFound(
+                f"target {path} is a symbolic link to {os.readlink(path)}, which does not "
+                "exist; pass the path of the file or device itself"
+            ) from None
         parent = os.path.dirname(path)
         if not os.path.isdir(parent):
             raise errors.NotFound(
@@ -40,6 +45,7 @@ def check_target(path: str) -> None:
                 f"target directory {parent} is not writable by transferd; fix its "
                 "permissions or choose another target"
             ) from None
+        _refuse_pseudo_filesystem(path, parent)
         return
     if stat.S_ISDIR(st.st_mode):
         raise errors.InvalidInput(
@@ -49,11 +55,33 @@ def check_target(path: str) -> None:
         raise errors.InvalidInput(
             f"target {path} is neither a regular file nor a block device; pass one of those"
         )
+    if stat.S_ISREG(st.st_mode):
+        _refuse_pseudo_filesystem(path, path)
     check_unlocked(path)
 
 
-# struct flock on Linux: l_type, l_whence, l_start, l_len, l_pid (+ padding).
-_FLOCK = "hhqqi4x"
+def _refuse_pseudo_filesystem(path: str, where: str) -> None:
+    fs = kernel_filesystem(where)
+    if fs:
+        raise errors.InvalidInput(
+            f"target {path} is on {fs}, a kernel interface and no storage; pass a file "
+            "on a disk's filesystem or a block device"
+        )
+
+
+def check_device_size(path: str, size: int) -> None:
+    """Refuses a block device smaller than the source, without opening it
+    for writing."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        have = device_size(fd)
+    finally:
+        os.close(fd)
+    if have < size:
+        raise errors.FailedPrecondition(
+            f"target block device {path} holds {have} bytes but the source has {size}; "
+            f"give it at least {size} bytes (e.g. a larger PVC) and retry"
+        )
 
 
 def check_unlocked(path: str) -> None:
@@ -66,16 +94,13 @@ def check_unlocked(path: str) -> None:
     except OSError:
         return  # opening it for writing later says what is wrong
     try:
-        probe = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        probe = struct.pack(FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
         got = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, probe)
     finally:
         os.close(fd)
-    if struct.unpack(_FLOCK, got)[0] != fcntl.F_UNLCK:
-        raise errors.FailedPrecondition(
-            f"target {path} is in use by another process (qemu-nbd/qemu holds a lock on "
-            "it); stop the process using it, or choose another target (a disk served "
-            "as the source cannot be its own target)"
-        )
+    if struct.unpack(FLOCK, got)[0] != fcntl.F_UNLCK:
+        raise errors.FailedPrecondition(in_use(path))
+
 
 
 def is_block_device(path: str) -> bool:

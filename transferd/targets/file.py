@@ -6,12 +6,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 
 from ferry import errors
 from transferd.targets.local import (
     PARALLEL_WRITERS,
     LocalTarget,
     fallocate,
+    in_use,
+    kernel_filesystem,
+    lock_for_writing,
     open_direct,
     write_zeros,
 )
@@ -56,8 +60,21 @@ class FileTarget(LocalTarget):
         except OSError as e:
             raise errors.FailedPrecondition(
                 f"cannot open target file {path}: {e.strerror}; fix its permissions or "
-                "choose another target_path"
+                "choose another target"
             ) from e
+        try:
+            # What was opened, not what the path named when it was checked.
+            if not stat.S_ISREG(os.fstat(fd).st_mode) or kernel_filesystem(f"/proc/self/fd/{fd}"):
+                raise errors.InvalidInput(
+                    f"target {path} is no regular file on storage; pass a file on a disk's "
+                    "filesystem or a block device"
+                )
+            if not lock_for_writing(fd):
+                # Even a file just created: whoever locked it first owns it.
+                raise errors.FailedPrecondition(in_use(path))
+        except BaseException:
+            os.close(fd)
+            raise
         try:
             os.ftruncate(fd, size)
             direct_fd = open_direct(path, cls.kind) if direct else -1
@@ -66,9 +83,10 @@ class FileTarget(LocalTarget):
             if created:
                 os.unlink(path)
             if isinstance(e, OSError):
+                fix = ("the filesystem cannot hold a file that large; choose another"
+                       if e.errno == errno.EFBIG else "free space or choose another filesystem")
                 raise errors.FailedPrecondition(
-                    f"cannot size target file {path} to {size} bytes: {e.strerror}; free "
-                    "space or choose another filesystem"
+                    f"cannot size target file {path} to {size} bytes: {e.strerror}; {fix}"
                 ) from e
             raise
         return cls(path, fd, created or created_before, direct_fd)
@@ -86,9 +104,13 @@ class FileTarget(LocalTarget):
                     raise
         write_zeros(self._fd, offset, length)
 
-    def _after_abort(self) -> str:
+    def _discard(self) -> None:
+        # Before the descriptor goes, so the lock still keeps others away.
+        if self._created:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path)
+
+    def _abort_note(self) -> str:
         if not self._created:
-            return super()._after_abort()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._path)
+            return super()._abort_note()
         return f"the target file {self._path}, created by this transfer, was removed"

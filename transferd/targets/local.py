@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import fcntl
 import os
 import queue
+import struct
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +39,60 @@ T = TypeVar("T")
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.fallocate.restype = ctypes.c_int
+
+
+# statfs(2) f_type of filesystems that are views of the kernel, not storage:
+# a "file" there is a kernel interface (/proc/self/mem, /sys/...).
+PSEUDO_FILESYSTEMS = {
+    0x9FA0: "proc", 0x62656572: "sysfs", 0x64626720: "debugfs", 0x74726163: "tracefs",
+    0x73636673: "securityfs", 0x27E0EB: "cgroup", 0x63677270: "cgroup2",
+    0xCAFE4A11: "bpf", 0x62656570: "configfs", 0x6165676C: "pstore",
+    0xDE5E81E4: "efivarfs", 0xF97CFF8C: "selinuxfs", 0x65735543: "fusectl",
+    0x42494E4D: "binfmt_misc", 0x6E736673: "nsfs",
+}
+
+# struct statfs on 64-bit Linux starts with f_type (a long); 120 bytes in all.
+_STATFS_SIZE = 120
+_libc.statfs.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+
+
+def filesystem_type(path: str) -> int:
+    """statfs(2)'s f_type for the filesystem holding `path` (0 if unknown)."""
+    buf = ctypes.create_string_buffer(_STATFS_SIZE)
+    if _libc.statfs(os.fsencode(path), buf) != 0:
+        return 0
+    return int(struct.unpack_from("l", buf.raw)[0]) & 0xFFFFFFFF
+
+
+def kernel_filesystem(path: str) -> str:
+    """The name of the kernel filesystem holding `path`, "" for storage."""
+    return PSEUDO_FILESYSTEMS.get(filesystem_type(path), "")
+
+
+# struct flock on Linux: l_type, l_whence, l_start, l_len, l_pid (+ padding).
+FLOCK = "hhqqi4x"
+
+
+def in_use(path: str) -> str:
+    """Why a locked target is refused."""
+    return (f"target {path} is in use by another process (a transfer writing it, or "
+            "qemu-nbd/qemu, holds a lock on it); wait for it to end or stop it, or choose "
+            "another target (a disk served as the source cannot be its own target)")
+
+
+def lock_for_writing(fd: int) -> bool:
+    """Takes an open-file-description write lock on the whole file, held
+    until `fd` is closed: another transfer opening the same file under any
+    name, and qemu or qemu-nbd (which lock the images they open), see it and
+    keep off. False when another one holds a lock already."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack(FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        if e.errno != errno.ENOLCK:  # a filesystem without locks
+            raise
+    return True
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -78,6 +134,7 @@ class LocalTarget:
         # Writes run on other threads: closing waits for those in progress,
         # so a descriptor is never closed (and its number reused) under one.
         self._writers = 0
+        self._touched = False  # a write or a zeroing was tried
         self._closed = False
         self._io = threading.Condition()
         self._pool = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="transferd-target")
@@ -107,7 +164,9 @@ class LocalTarget:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def _failed(self, what: str, e: OSError) -> OSError:
-        return OSError(e.errno, f"{what} {self.kind} {self._path} failed: {e.strerror or e}")
+        fix = ("; free space on its filesystem and run the transfer again (it resumes)"
+               if e.errno in (errno.ENOSPC, errno.EDQUOT) else "")
+        return OSError(e.errno, f"{what} {self.kind} {self._path} failed: {e.strerror or e}{fix}")
 
     def _pwrite(self, data: memoryview, offset: int) -> None:
         """O_DIRECT for aligned writes when asked for (the engine's buffers
@@ -146,6 +205,7 @@ class LocalTarget:
             if self._closed:
                 raise self._closed_error()
             self._writers += 1
+            self._touched = True
         try:
             self._pwrite(data, offset)
         except OSError as e:
@@ -159,6 +219,7 @@ class LocalTarget:
         write_zeros(self._fd, offset, length)
 
     async def zero(self, offset: int, length: int) -> None:
+        self._touched = True
         try:
             await self._off_loop(self._zero, offset, length)
         except OSError as e:
@@ -179,7 +240,9 @@ class LocalTarget:
         finally:
             self._close()
 
-    def _close(self) -> None:
+    def _close(self, last: Callable[[], None] | None = None) -> None:
+        """Stops the writers and closes the descriptors; `last` runs in
+        between, while the descriptor still holds the target's lock."""
         with self._io:
             if not self._closed:
                 self._closed = True
@@ -187,6 +250,8 @@ class LocalTarget:
                 for _ in self._writer_threads:
                     self._queued.put(None)
             self._io.wait_for(lambda: self._writers == 0)
+        if last is not None:
+            last()
         if self._direct_fd >= 0:
             os.close(self._direct_fd)
             self._direct_fd = -1
@@ -197,13 +262,20 @@ class LocalTarget:
 
     async def abort(self) -> str:
         """Waits for writes and zeroing in progress before closing, so
-        nothing lands after."""
-        await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown, True)
-        await asyncio.get_running_loop().run_in_executor(None, self._close)
-        return self._after_abort()
+        nothing lands after; says what became of the target."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._pool.shutdown, True)
+        await loop.run_in_executor(None, self._close, self._discard)
+        return self._abort_note()
 
-    def _after_abort(self) -> str:
-        return f"the existing {self.kind} {self._path} was left as is (partially written)"
+    def _discard(self) -> None:
+        """What an abort does to the target before letting go of it."""
+
+    def _abort_note(self) -> str:
+        if not self._touched:
+            return f"the existing {self.kind} {self._path} was left as is (nothing was written)"
+        return (f"the existing {self.kind} {self._path} was left as is, holding what was "
+                "written to it; do not use it as a copy")
 
 
 def open_direct(path: str, kind: str) -> int:

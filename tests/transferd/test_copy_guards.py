@@ -1,0 +1,266 @@
+"""`ferry copy` against what goes wrong between runs and around it: a second
+copy onto the same target, a target or an image replaced before a resume, an
+incremental copy onto an unfinished one, kernel files as targets, a server
+that takes fewer connections or smaller requests than asked."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.transferd.conftest import KiB, MiB, NbdServer
+from transferd import journal
+
+SIZE = 16 * MiB
+
+
+def ferry_copy(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ferry.cli", "copy", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def start_copy(*args: str | Path) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "ferry.cli", "copy", *map(str, args)],
+                            stderr=subprocess.PIPE, text=True)
+
+
+def journaled(target: Path) -> bool:
+    """The copy wrote a checkpoint: its journal lists a range."""
+    try:
+        return len(Path(f"{target}{journal.SUFFIX}").read_text().splitlines()) > 1
+    except FileNotFoundError:
+        return False
+
+
+def killed_once_journaled(proc: subprocess.Popen[str], target: Path) -> None:
+    while not journaled(target):
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+
+
+SLOW = ("--requests", "1", "--request-size", "256K")
+
+
+def copy_under_way(uri: str, target: Path) -> subprocess.Popen[str]:
+    """A slow copy that has created its target."""
+    proc = start_copy(uri, target, *SLOW)
+    while not target.exists():
+        assert proc.poll() is None
+        time.sleep(0.01)
+    return proc
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.img"
+    path.write_bytes(os.urandom(SIZE))
+    return path
+
+
+@pytest.fixture
+def big_image(tmp_path: Path) -> Path:
+    """Large enough that a copy in 4 KiB requests outlasts a checkpoint:
+    qemu-nbd serving a local image takes no delay filter."""
+    path = tmp_path / "big.img"
+    path.write_bytes(os.urandom(128 * MiB))
+    return path
+
+
+def slow_server(image: Path, sock: Path) -> NbdServer:
+    return NbdServer.nbdkit(image, sock, "delay", params=("rdelay=20ms",))
+
+
+@pytest.mark.parametrize("target", ["/proc/self/mem", "/proc/sys/kernel/core_pattern",
+                                    "/sys/kernel/mm/transparent_hugepage/enabled"])
+def test_a_kernel_file_is_refused_as_a_target(image: Path, target: str):
+    before = Path(target).read_bytes() if not target.endswith("mem") else b""
+    done = ferry_copy(image, target)
+
+    assert done.returncode == 2, done.stderr
+    assert f"target {target} is on " in done.stderr and "a kernel interface" in done.stderr
+    if before:
+        assert Path(target).read_bytes() == before
+
+
+def test_a_second_copy_onto_a_target_being_written_is_refused(image: Path, tmp_path: Path):
+    target = tmp_path / "out.img"
+    with slow_server(image, tmp_path / "nbd.sock") as server:
+        first = copy_under_way(server.uri, target)
+        link = tmp_path / "link.img"
+        link.symlink_to(target)
+        second = [ferry_copy(server.uri, name) for name in
+                  (f"{tmp_path}/./out.img", link)]
+        _, stderr = first.communicate(timeout=120)
+
+    for done in second:
+        assert done.returncode == 2, done.stderr
+        assert "is in use by another process (a transfer writing it" in done.stderr
+    assert first.returncode == 0, stderr
+    assert target.read_bytes() == image.read_bytes()
+
+
+def test_a_target_replaced_before_the_resume_is_copied_whole(image: Path, tmp_path: Path):
+    target = tmp_path / "out.img"
+    with slow_server(image, tmp_path / "nbd.sock") as server:
+        killed_once_journaled(start_copy(server.uri, target, *SLOW), target)
+        # Another file of the same size under the same name, as a cleanup
+        # script or an operator may leave.
+        target.unlink()
+        with target.open("wb") as f:
+            f.truncate(SIZE)
+        done = ferry_copy(server.uri, target, "--progress")
+
+    assert done.returncode == 0, done.stderr
+    assert "done by an earlier run" not in done.stderr
+    assert "is about another target" in done.stderr
+    assert target.read_bytes() == image.read_bytes()
+    assert journal.MARK_XATTR not in os.listxattr(target)
+
+
+def test_an_image_changed_before_the_resume_is_copied_whole(big_image: Path, tmp_path: Path):
+    target = tmp_path / "out.img"
+    killed_once_journaled(start_copy(big_image, target, "--requests", "1", "--request-size",
+                                     "4K"), target)
+    with big_image.open("r+b") as f:
+        f.write(os.urandom(64 * KiB))
+    done = ferry_copy(big_image, target, "--progress")
+
+    assert done.returncode == 0, done.stderr
+    assert "done by an earlier run" not in done.stderr
+    assert target.read_bytes() == big_image.read_bytes()
+
+
+def test_sigkill_of_a_copy_of_an_image_takes_its_qemu_nbd_along(
+        big_image: Path, tmp_path: Path):
+    target = tmp_path / "out.img"
+    proc = start_copy(big_image, target, "--requests", "1", "--request-size", "4K")
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    while not (servers := children.read_text().split()):
+        assert proc.poll() is None
+        time.sleep(0.01)
+    killed_once_journaled(proc, target)
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in servers):
+        assert time.monotonic() < deadline, f"qemu-nbd {servers} outlived ferry copy"
+        time.sleep(0.05)
+
+
+def test_an_incremental_copy_onto_an_unfinished_full_copy_is_refused(
+        image: Path, tmp_path: Path):
+    target = tmp_path / "out.img"
+    areas = tmp_path / "areas.txt"
+    areas.write_text("0 4096\n")
+    with slow_server(image, tmp_path / "nbd.sock") as server:
+        killed_once_journaled(start_copy(server.uri, target, *SLOW), target)
+        before = target.read_bytes()
+        done = ferry_copy(server.uri, target, "--changed-areas", areas)
+
+    assert done.returncode == 2, done.stderr
+    assert f"target {target} holds an unfinished transfer" in done.stderr
+    assert "run that transfer again to finish it" in done.stderr
+    assert target.read_bytes() == before
+
+
+def test_a_truncated_qcow2_is_refused_not_copied_as_zeros(image: Path, tmp_path: Path):
+    qcow2 = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(image), str(qcow2)], check=True)
+    os.truncate(qcow2, MiB)
+    done = ferry_copy(qcow2, tmp_path / "out.img")
+
+    assert done.returncode == 2, done.stderr
+    assert f"disk image {qcow2} is truncated or corrupt" in done.stderr
+    assert not (tmp_path / "out.img").exists()
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda p: p.write_bytes(b"\xff\xfe garbage"), "is not UTF-8 text (byte 0)"),
+    (lambda p: os.mkfifo(p), "is not a regular file"),
+    (lambda p: p.write_text('[{"start": -5, "length": 10}]'), "integers of 0 or more"),
+])
+def test_a_changed_areas_file_that_is_no_list_is_refused(
+        image: Path, tmp_path: Path, make: object, message: str):
+    target = tmp_path / "out.img"
+    target.write_bytes(bytes(SIZE))
+    areas = tmp_path / "areas"
+    make(areas)  # type: ignore[operator]
+    done = ferry_copy(image, target, "--changed-areas", areas, timeout=30)
+
+    assert done.returncode == 2, done.stderr
+    assert f"changed areas file {areas}" in done.stderr and message in done.stderr
+    assert "Traceback" not in done.stderr
+    assert target.read_bytes() == bytes(SIZE)
+
+
+@pytest.mark.parametrize(("uri", "message"), [
+    ("nbd://127.0.0.1:-1/", "has a port that is not a number from 1 to 65535"),
+    ("nbd://127.0.0.1:99999/", "has a port that is not a number from 1 to 65535"),
+    ("NBD+UNIX:///?socket=/tmp/x.sock", "write the scheme in lower case (nbd+unix://)"),
+    ("nbd+unix:///?socket=/a&socket=/b", "names 2 sockets; give socket= once"),
+])
+def test_a_malformed_nbd_uri_is_invalid_input(tmp_path: Path, uri: str, message: str):
+    done = ferry_copy(uri, tmp_path / "out.img")
+
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+    assert not (tmp_path / "out.img").exists()
+
+
+def test_the_default_request_size_shrinks_to_the_servers_limit(image: Path, tmp_path: Path):
+    target = tmp_path / "out.img"
+    with NbdServer.nbdkit(image, tmp_path / "nbd.sock", "blocksize-policy",
+                          params=("blocksize-maximum=1M",)) as server:
+        done = ferry_copy(server.uri, target)
+        asked = ferry_copy(server.uri, tmp_path / "asked.img", "--request-size", "2M")
+
+    assert done.returncode == 0, done.stderr
+    assert target.read_bytes() == image.read_bytes()
+    assert asked.returncode == 2
+    assert "request size 2097152 is above what source" in asked.stderr
+    assert "accepts (1048576); ask for at most 1048576" in asked.stderr
+
+
+def test_a_server_taking_fewer_clients_than_connections_asked_still_serves_the_copy(
+        image: Path, tmp_path: Path):
+    target = tmp_path / "out.img"
+    sock = tmp_path / "nbd.sock"
+    argv = ["qemu-nbd", "--read-only", "--persistent", "--shared=2", "--format=raw",
+            f"--socket={sock}", str(image)]
+    with NbdServer(argv, sock) as server:
+        done = ferry_copy(server.uri, target, "--connections", "4", "--progress")
+
+    assert done.returncode == 0, done.stderr
+    assert "took 2 of the 4 connections asked for" in done.stderr
+    assert "over 2 connection(s)" in done.stderr
+    assert target.read_bytes() == image.read_bytes()
+
+
+def test_sigint_exits_130(image: Path, tmp_path: Path):
+    target = tmp_path / "out.img"
+    with slow_server(image, tmp_path / "nbd.sock") as server:
+        proc = copy_under_way(server.uri, target)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+
+    assert proc.returncode == 130, stderr
+    assert "the copy was interrupted" in stderr
+    assert not target.exists()
+
+
+def test_a_failure_before_any_write_says_the_existing_target_is_untouched(
+        image: Path, tmp_path: Path):
+    target = tmp_path / "out.img"
+    target.write_bytes(b"\xaa" * SIZE)
+    with NbdServer.nbdkit(image, tmp_path / "nbd.sock", "error",
+                          params=("error-pread=EIO", "error-pread-rate=100%")) as server:
+        done = ferry_copy(server.uri, target)
+
+    assert done.returncode == 1
+    assert f"the existing file {target} was left as is (nothing was written)" in done.stderr
