@@ -428,22 +428,23 @@ class Job:
             return note
         self.journal.close()
         if self.journal.enabled and os.path.exists(self.journal.path):
-            note += (f"; the journal {self.journal.path} was kept, so the same transfer "
-                     "started again resumes")
+            note += (f"; the journal {self.journal.path} was kept, so a transfer of the "
+                     "same source onto it resumes")
         return note
 
     async def suspend(self) -> str:
         """After the copy was stopped for a shutdown (not by the operator):
         makes what was written durable and journaled, and keeps the target
         and its journal, even a target this transfer created, for a resume."""
-        await self.target.finish()
-        self.journal.commit(self.journal.take())
+        await self.target.keep()
+        await asyncio.get_running_loop().run_in_executor(None, self.journal.commit,
+                                                         self.journal.take())
         self.journal.close()
         if not self.journal.enabled:
             return (f"the target {self.spec.target_path} was kept, without a journal: the "
                     "transfer starts over when it runs again")
         return (f"the target {self.spec.target_path} and its journal {self.journal.path} "
-                "were kept; the same transfer started again resumes")
+                "were kept; a transfer of the same source onto it resumes")
 
     async def close(self) -> None:
         self.journal.close()

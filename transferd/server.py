@@ -33,10 +33,11 @@ class RunningServer:
     metrics_port: int
 
     async def stop(self) -> None:
-        """Cancels running transfers (removing targets they created), then
-        stops serving."""
+        """Stops running transfers keeping their targets and journals (a
+        restart resumes them), then stops serving."""
         await self.service.shutdown()
         await self.grpc_server.stop(grace=1.0)
+        self.service.close()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()

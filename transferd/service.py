@@ -12,15 +12,18 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import stat
 import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ferry import errors
@@ -42,7 +45,18 @@ State = pb.TransferState
 FINAL = (State.TRANSFER_STATE_SUCCEEDED, State.TRANSFER_STATE_FAILED,
          State.TRANSFER_STATE_CANCELLED)
 MAX_ID_LENGTH = 128
+# Ids go into logs, metrics and file names: nothing that could break a line,
+# hide in blanks or reorder text (bidi controls) when shown.
+_ID = re.compile(rf"[A-Za-z0-9._:/@+-]{{1,{MAX_ID_LENGTH}}}")
 DEFAULT_MAX_TRANSFERS = 8
+# Checksums of targets run in threads of their own, at most this many at once:
+# a slow disk holds these, never the loop's default executor, which journal
+# commits and cleanups of every transfer need.
+CHECKSUM_THREADS = 4
+# What a FAILED or CANCELLED transfer says about a new run: starting it
+# again under its id returns it as it is (a retried start is not a new run).
+RUN_AGAIN = ("to run it again, start it under a new transfer_id (starting it under this "
+             "one returns this result)")
 # Read buffers of all transfers together (each transfer alone would use up
 # to its max_bytes_in_flight, 64 MiB by default).
 DEFAULT_BUFFER_BYTES = 128 << 20
@@ -62,22 +76,39 @@ def _timestamp(t: float | None) -> Timestamp | None:
 
 @dataclass
 class _Record:
+    """One transfer. `job` is None until it opens the source and the target
+    (a PENDING one holds neither); until then `spec` and `connections` are
+    what the check found."""
+
     id: str
     request: pb.StartTransferRequest
-    job: Job
+    spec: Spec
+    connections: int
+    # The target's real path: the key of the busy-target check.
+    real_target: str
     log: ContextLogger
     progress: engine.Progress
+    job: Job | None = None
+    # (st_dev, st_ino) of the target the job opened: what Checksum may hash.
+    target_inode: tuple[int, int] | None = None
     state: int = State.TRANSFER_STATE_PENDING
     error: str = ""
     started_at: float = field(default_factory=time.time)
     finished_at: float | None = None
     task: asyncio.Task[None] | None = None
     cancelling: bool = False
+    # Cancelled by the daemon's shutdown: the target and journal stay.
+    suspending: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def opened(self, job: Job) -> Job:
+        self.job, self.spec, self.connections = job, job.spec, job.connections
+        self.target_inode = job.target.file_id
+        return job
 
     def to_proto(self) -> pb.Transfer:
         p = self.progress
-        tuning = self.job.spec.tuning
+        tuning = self.spec.tuning
         rate = p.rate()
         return pb.Transfer(
             id=self.id,
@@ -88,9 +119,9 @@ class _Record:
                 request_size=tuning.request_size,
                 max_requests=tuning.max_requests,
                 max_bytes_in_flight=tuning.max_bytes_in_flight,
-                connections=self.job.connections,
-                verify=self.job.spec.verify,
-                direct=self.job.spec.direct,
+                connections=self.connections,
+                verify=self.spec.verify,
+                direct=self.spec.direct,
                 profile=self.request.options.profile or "default",
             ),
             labels=self.request.labels,
@@ -110,7 +141,7 @@ class _Record:
                 retries=p.retries,
                 inflight_bytes=p.inflight_bytes,
             ),
-            checksum=str(self.job.checksum) if self.job.checksum else "",
+            checksum=str(self.job.checksum) if self.job and self.job.checksum else "",
             error=self.error,
             started_at=_timestamp(self.started_at),
             finished_at=_timestamp(self.finished_at),
@@ -124,7 +155,15 @@ class TransferService(pb_grpc.TransferServiceServicer):  # type: ignore[misc]
         self._metrics = metrics
         self._buffers = engine.Buffers(max(buffer_bytes, engine.MAX_REQUEST_SIZE))
         self._records: dict[str, _Record] = {}
-        self._busy_targets: dict[str, str] = {}
+        # Real path of each target a transfer holds -> (transfer id, the path
+        # it was given as).
+        self._busy_targets: dict[str, tuple[str, str]] = {}
+        # Starts under way, by transfer id: the same start sent again waits
+        # for the one under way, and shutdown for all of them.
+        self._starting: dict[str, asyncio.Event] = {}
+        self._stopping = False
+        self._hashing = ThreadPoolExecutor(CHECKSUM_THREADS,
+                                           thread_name_prefix="transferd-checksum")
         # Transfers beyond this many wait, PENDING, for one to finish, in
         # the order they were started.
         self._max_transfers = max_transfers
@@ -152,15 +191,17 @@ class TransferService(pb_grpc.TransferServiceServicer):  # type: ignore[misc]
         rec.state = state
 
     def _existing(self, transfer_id: str, req: pb.StartTransferRequest) -> _Record | None:
+        """The transfer a start sent again means: only the very same request
+        (a retry) gets it, whatever state it is in."""
         rec = self._records.get(transfer_id)
         if rec is None:
             return None
-        if (rec.request.source_uri, rec.request.target_path) != (req.source_uri,
-                                                                 req.target_path):
+        differ = _differences(rec.request, req)
+        if differ:
             raise errors.AlreadyExists(
-                f"transfer {transfer_id!r} already exists with source "
-                f"{rec.request.source_uri} and target {rec.request.target_path}; "
-                "use another transfer_id"
+                f"transfer {transfer_id} already exists with another {', '.join(differ)} "
+                f"(it copies {rec.request.source_uri} to {rec.request.target_path}); send "
+                "the same request to follow it, or use another transfer_id"
             )
         return rec
 
@@ -170,14 +211,31 @@ class TransferService(pb_grpc.TransferServiceServicer):  # type: ignore[misc]
         self, request: pb.StartTransferRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.Transfer:
         check_strings(request)
-        transfer_id = request.transfer_id or uuid.uuid4().hex
-        if len(transfer_id) > MAX_ID_LENGTH:
+        if request.transfer_id and not _ID.fullmatch(request.transfer_id):
             raise errors.InvalidInput(
-                f"transfer_id is {len(transfer_id)} characters; use at most {MAX_ID_LENGTH}"
+                f"transfer_id {shown(request.transfer_id, 60)!r} is not 1 to {MAX_ID_LENGTH} "
+                "of the characters A-Z a-z 0-9 . _ : / @ + -; pass such an id, or none to get "
+                "a random one"
             )
+        transfer_id = request.transfer_id or uuid.uuid4().hex
+        while (under_way := self._starting.get(transfer_id)) is not None:
+            await under_way.wait()
         existing = self._existing(transfer_id, request)
         if existing is not None:
             return existing.to_proto()
+        if self._stopping:
+            raise errors.Unavailable(
+                "transferd is shutting down; start the transfer again once it is back "
+                "(it resumes)"
+            )
+        self._starting[transfer_id] = done = asyncio.Event()
+        try:
+            return await self._start(transfer_id, request)
+        finally:
+            del self._starting[transfer_id]
+            done.set()
+
+    async def _start(self, transfer_id: str, request: pb.StartTransferRequest) -> pb.Transfer:
         spec = Spec(
             source_uri=request.source_uri,
             target_path=request.target_path,
@@ -188,56 +246,67 @@ class TransferService(pb_grpc.TransferServiceServicer):  # type: ignore[misc]
             dirty_bitmap=request.dirty_bitmap,
             direct=request.options.direct,
         )
-        check_spec(spec)
         path = request.target_path
-        if path in self._busy_targets:
+        # Any name of the file (./, //, a symlink) is the same target. Checked
+        # first: the target's checks would find the lock the holder took.
+        real = os.path.realpath(path)
+        if os.path.isabs(path) and real in self._busy_targets:
+            holder, as_path = self._busy_targets[real]
+            named = f" (as {as_path})" if as_path != path else ""
             raise errors.FailedPrecondition(
-                f"target {path} is being written by transfer {self._busy_targets[path]}; "
-                "wait for it or cancel it first"
+                f"target {path} is the target of transfer {holder}{named}, which has not "
+                "ended; wait for it to end or cancel it first"
             )
-        self._busy_targets[path] = transfer_id
+        check_spec(spec)
+        self._busy_targets[real] = (transfer_id, path)
         progress = engine.Progress(on_bytes=self._metrics.count_bytes)
+        # A place is taken before opening, so no other start takes it meanwhile.
+        admitted = self._running < self._max_transfers
+        if admitted:
+            self._running += 1
+        job: Job | None = None
         try:
-            job = await self._open(spec, progress)
+            if admitted:
+                job = await self._open(spec, progress)
+                connections = job.connections
+            else:
+                # A transfer that will wait holds no connection and leaves the
+                # target as it is: checked now, opened on its turn.
+                connections = await Job.check(spec, progress)
         except BaseException:
-            del self._busy_targets[path]
+            del self._busy_targets[real]
+            if admitted:
+                self._leave()
             raise
-        opened = self._running < self._max_transfers
-        if not opened:
-            # A transfer that will wait holds no NBD connection and no target
-            # file meanwhile: everything was checked, it opens again on its turn.
-            await _to_the_end(job.abort())
-            await _to_the_end(job.close())
-        existing = self._existing(transfer_id, request)
-        if existing is not None:  # the same start raced this one and won
-            if opened:
-                await job.abort()
-                await job.close()
-            del self._busy_targets[path]
-            return existing.to_proto()
+        if not admitted and self._running < self._max_transfers:
+            self._running += 1  # a place came free during the check
+            admitted = True
         labels = request.labels
         rec = _Record(
             id=transfer_id,
             request=request,
-            job=job,
+            spec=spec,
+            connections=connections,
+            real_target=real,
             log=context_logger(log, {"plan": labels.plan, "vm": labels.vm,
                                      "disk": labels.disk, "transfer": transfer_id}),
             progress=progress,
         )
+        if job is not None:
+            rec.opened(job)
         self._records[transfer_id] = rec
         self._metrics.transfers.labels(_state_name(rec.state)).inc()
-        admitted = self._running < self._max_transfers
         if admitted:
-            self._running += 1
             self._set_state(rec, State.TRANSFER_STATE_RUNNING)
-        tuning = spec.tuning
+        tuning = rec.spec.tuning
         rec.log.info(
-            "transfer started: %s -> %s, %d bytes (%d to copy, %d done by an earlier run), "
+            "transfer %s: %s -> %s, %d bytes (%d to copy, %d done by an earlier run), "
             "request size %d, %d requests in flight, %d connection(s)",
-            request.source_uri, path, progress.size, progress.planned, progress.resumed,
-            tuning.request_size, tuning.max_requests, job.connections,
+            "started" if admitted else "waiting for a place", request.source_uri, path,
+            progress.size, progress.planned, progress.resumed, tuning.request_size,
+            tuning.max_requests, rec.connections,
         )
-        rec.task = asyncio.create_task(self._run(rec, admitted, opened))
+        rec.task = asyncio.create_task(self._run(rec, admitted))
         return rec.to_proto()
 
     async def _wait_turn(self) -> None:
@@ -270,11 +339,9 @@ class TransferService(pb_grpc.TransferServiceServicer):  # type: ignore[misc]
         job.buffers = self._buffers
         return job
 
-    async def _run(self, rec: _Record, admitted: bool, opened: bool) -> None:
-        """Runs the transfer to its final state; `opened` says whether its
-        job still holds the source and the target (a job that was to wait
-        was closed and is opened again here)."""
-        job = rec.job
+    async def _run(self, rec: _Record, admitted: bool) -> None:
+        """Runs the transfer to its final state; `admitted` says whether it
+        has a place already (else it waits for one)."""
         # FAILED until the copy (and verify) really completed: nothing but
         # that path may record SUCCEEDED.
         state = State.TRANSFER_STATE_FAILED
@@ -286,41 +353,57 @@ class TransferService(pb_grpc.TransferServiceServicer):  # type: ignore[misc]
                     self._set_state(rec, State.TRANSFER_STATE_RUNNING)
                     rec.progress.started = time.monotonic()
                     rec.started_at = time.time()
-                if not opened:
-                    rec.job = job = await self._open(job.spec, rec.progress)
-                    opened = True
+                job = rec.job or rec.opened(await self._open(rec.spec, rec.progress))
                 await job.run()
                 state = State.TRANSFER_STATE_SUCCEEDED
             except asyncio.CancelledError:
-                note = await _to_the_end(job.abort()) if opened else "nothing was written"
-                rec.error = f"cancelled by the operator; {note}"
-                state = State.TRANSFER_STATE_CANCELLED
+                if rec.suspending:
+                    note = (await _to_the_end(rec.job.suspend()) if rec.job
+                            else "nothing was written")
+                    rec.error = f"transferd shut down before the transfer ended; {note}"
+                else:
+                    rec.error = f"cancelled by the operator; {await self._abort(rec)}"
+                    state = State.TRANSFER_STATE_CANCELLED
             except Exception as group:  # every failure ends the transfer
                 e = first_error(group)
-                note = await _to_the_end(job.abort()) if opened else "nothing was written"
+                note = await self._abort(rec)
                 if isinstance(e, errors.FerryError | OSError):
                     rec.error = f"{errors.said(e)}; {note}"
                 else:
                     rec.log.error("transfer failed on an unexpected error", exc_info=e)
                     rec.error = f"internal error in transferd: {e!r}; {note}"
+            if state != State.TRANSFER_STATE_SUCCEEDED and not rec.suspending:
+                rec.error = f"{rec.error}; {RUN_AGAIN}"
         finally:
             try:
                 # Closed before the final state shows, so a watcher that sees
                 # it can reuse the source and the target at once.
-                if opened:
-                    await _to_the_end(job.close())
+                if rec.job is not None:
+                    await _to_the_end(rec.job.close())
             finally:
-                self._busy_targets.pop(rec.request.target_path, None)
+                self._busy_targets.pop(rec.real_target, None)
                 self._finish(rec, state)
                 if admitted:
                     self._leave()
                 rec.done.set()
 
-    def _cancel(self, rec: _Record) -> None:
+    async def _abort(self, rec: _Record) -> str:
+        """Cleans up after a failure or cancel and says what became of the target."""
+        if rec.job is None:
+            return "nothing was written"
+        note = await _to_the_end(rec.job.abort())
+        if rec.job.target.created:
+            # Removed: whatever takes its inode number later is no target.
+            rec.target_inode = None
+        return note
+
+    def _cancel(self, rec: _Record, suspend: bool = False) -> None:
         """Cancels the transfer's task once: a second cancel landing while
-        the first one cleans up would cut the cleanup short."""
+        the first one cleans up would cut the cleanup short. `suspend`
+        keeps the target and journal (the daemon is stopping)."""
         if rec.task is not None and not rec.cancelling:
             rec.cancelling = True
+            rec.suspending = suspend
             rec.task.cancel()
 
     def _finish(self, rec: _Record, state: int) -> None:
@@ -398,34 +481,70 @@ class TransferService(pb_grpc.TransferServiceServicer):  # type: ignore[misc]
             finally:
                 await source.close()
         else:
-            self._check_known_target(request.path)
+            inodes = self._written_as(request.path)
             result = await asyncio.get_running_loop().run_in_executor(
-                None, _path_checksum, request.path, request.size)
+                self._hashing, _target_checksum, request.path, request.size, inodes)
         return pb.ChecksumResponse(algorithm=result.algorithm, block_size=result.block_size,
                                    size=result.size, digest=result.digest)
 
-    def _check_known_target(self, path: str) -> None:
-        """Checksum hashes only targets of transfers this daemon knows:
-        transferd may read files its callers may not, and the hash of any
-        readable file's first bytes would let them guess its content."""
+    def _written_as(self, path: str) -> dict[tuple[int, int], str]:
+        """The files transfers with target `path` wrote, (st_dev, st_ino) ->
+        transfer id. Checksum hashes only those: transferd may read files
+        its callers may not, and the hash of a readable file's first bytes
+        would let them guess its content (a target replaced by a link to
+        such a file keeps its name, not its inode)."""
+        if not os.path.isabs(path):
+            raise errors.InvalidInput(f"path {shown(path)!r} is not absolute; pass a full path")
         real = os.path.realpath(path)
-        for rec in self._records.values():
-            target = rec.request.target_path
-            if path == target or real == os.path.realpath(target):
-                return
-        raise errors.InvalidInput(
-            f"path {shown(path)} is not the target of a transfer on this transferd; "
-            "Checksum hashes only such targets (ids and targets do not survive a "
-            "restart): pass the target_path of a transfer, or hash a source with source_uri"
-        )
+        named = [r for r in self._records.values()
+                 if path == r.request.target_path or real == r.real_target]
+        if not named:
+            raise errors.InvalidInput(
+                f"path {shown(path)} is not the target of a transfer on this transferd; "
+                "Checksum hashes only such targets (ids and targets do not survive a "
+                "restart): pass the target_path of a transfer, or hash a source with "
+                "source_uri"
+            )
+        written = {r.target_inode: r.id for r in named if r.target_inode is not None}
+        if not written:
+            raise errors.FailedPrecondition(
+                f"path {path} is the target of transfer {', '.join(r.id for r in named)}, "
+                "which has not written it; Checksum hashes a target once its transfer ran"
+            )
+        return written
 
     async def shutdown(self) -> None:
-        """Cancels running transfers so targets they created are removed."""
+        """Stops every transfer keeping its target and journal, so the same
+        transfer started again (on a transferd started again) resumes: a
+        restart must not lose the copies under way."""
+        self._stopping = True
+        for under_way in list(self._starting.values()):
+            await under_way.wait()
         running = [r for r in self._records.values() if not r.done.is_set()]
+        if running:
+            log.info("transferd stopping %d transfer(s): what they wrote stays, with its "
+                     "journal, so the same transfers started again resume", len(running))
         for rec in running:
-            self._cancel(rec)
+            self._cancel(rec, suspend=True)
         for rec in running:
             await rec.done.wait()
+
+    def close(self) -> None:
+        """Once nothing is served any more: lets the checksum threads go."""
+        self._hashing.shutdown(wait=False, cancel_futures=True)
+
+
+def _differences(a: Message, b: Message, prefix: str = "") -> list[str]:
+    """The fields (dotted) whose values differ between two messages; an
+    unset message field equals one set to its defaults."""
+    out: list[str] = []
+    for f in a.DESCRIPTOR.fields:
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if f.type == f.TYPE_MESSAGE and not f.is_repeated:
+            out += _differences(x, y, f"{prefix}{f.name}.")
+        elif x != y:
+            out.append(prefix + f.name)
+    return out
 
 
 async def _to_the_end(work: Coroutine[Any, Any, T]) -> T:
@@ -441,25 +560,45 @@ async def _to_the_end(work: Coroutine[Any, Any, T]) -> T:
                 raise
 
 
-def _path_checksum(path: str, size: int) -> checksum.Checksum:
-    """The checksum of an existing file or block device (its first `size`
-    bytes, all of it when 0)."""
-    if not os.path.isabs(path):
-        raise errors.InvalidInput(f"path {path!r} is not absolute; pass a full path")
+def _check_written(path: str, st: os.stat_result,
+                   written: dict[tuple[int, int], str]) -> None:
+    if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
+        raise errors.InvalidInput(
+            f"{path} is neither a regular file nor a block device (it was replaced since "
+            f"transfer {', '.join(written.values())} wrote it); Checksum hashes only files "
+            "transfers wrote"
+        )
+    if (st.st_dev, st.st_ino) not in written:
+        raise errors.InvalidInput(
+            f"path {path} is no longer the file transfer {', '.join(written.values())} wrote "
+            "(it was replaced, or is a link to another file, since); Checksum hashes only "
+            "files transfers wrote"
+        )
+
+
+def _target_checksum(path: str, size: int,
+                     written: dict[tuple[int, int], str]) -> checksum.Checksum:
+    """The checksum of a target (its first `size` bytes, all of it when 0),
+    if it is still a file in `written`: checked before it is opened (nothing
+    else is opened, not even a FIFO) and again on what was opened, which is
+    then hashed through its descriptor, so a swap of the name meanwhile
+    changes nothing."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        _check_written(path, os.stat(path), written)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
-        raise errors.NotFound(f"{path} does not exist; pass an existing file or block "
-                              "device") from None
+        raise errors.NotFound(
+            f"{path} does not exist (it was removed since transfer "
+            f"{', '.join(written.values())} wrote it); pass an existing target"
+        ) from None
     except OSError as e:
         raise errors.FailedPrecondition(f"cannot open {path}: {e.strerror}") from e
     try:
         st = os.fstat(fd)
+        _check_written(path, st, written)
         have = device_size(fd) if stat.S_ISBLK(st.st_mode) else st.st_size
+        if size > have:
+            raise errors.InvalidInput(f"size {size} is beyond the end of {path} ({have} bytes)")
+        return checksum.path_checksum(f"/proc/self/fd/{fd}", size or have)
     finally:
         os.close(fd)
-    if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
-        raise errors.InvalidInput(f"{path} is neither a regular file nor a block device")
-    if size > have:
-        raise errors.InvalidInput(f"size {size} is beyond the end of {path} ({have} bytes)")
-    return checksum.path_checksum(path, size or have)

@@ -260,6 +260,25 @@ class LocalTarget:
             self._fd = -1
         self._pool.shutdown(wait=False)
 
+    @property
+    def file_id(self) -> tuple[int, int]:
+        """(st_dev, st_ino) of the file or device node opened, whatever its
+        path names now."""
+        st = os.fstat(self._fd)
+        return st.st_dev, st.st_ino
+
+    async def keep(self) -> None:
+        """After a stop that keeps the target for a resume: waits for
+        zeroing in progress, then flushes and closes."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._pool.shutdown, True)
+        try:
+            await loop.run_in_executor(None, os.fdatasync, self._fd)
+        except OSError as e:
+            raise self._failed("flushing (fdatasync)", e) from e
+        finally:
+            await loop.run_in_executor(None, self._close)
+
     async def abort(self) -> str:
         """Waits for writes and zeroing in progress before closing, so
         nothing lands after; says what became of the target."""
