@@ -9,10 +9,12 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import grpc
 import pytest
@@ -63,6 +65,19 @@ def _wait_until_serving(pidfile: Path, proc: subprocess.Popen[bytes]) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"NBD server did not start: {proc.args!r}")
         time.sleep(0.05)
+
+
+def transferd_subprocess(sock: Path, err: IO[bytes], metrics: str = ""
+                         ) -> subprocess.Popen[bytes]:
+    """transferd in a process of its own, as `ferry serve transferd` runs it,
+    logging at INFO to `err`; `metrics` is its metrics address ("" for none)."""
+    return subprocess.Popen(
+        [sys.executable, "-c",
+         "import logging, sys; logging.basicConfig(level=logging.INFO); "
+         "from transferd.server import serve; serve(sys.argv[1], sys.argv[2])",
+         f"unix:{sock}", metrics],
+        stderr=err,
+    )
 
 
 class NbdServer:

@@ -20,7 +20,14 @@ import pytest
 from ferry.v1 import transfer_pb2 as pb
 from ferry.v1 import transfer_pb2_grpc as pb_grpc
 from tests.files import sha256_of
-from tests.transferd.conftest import MiB, NbdServer, Transferd, details, wait_final
+from tests.transferd.conftest import (
+    MiB,
+    NbdServer,
+    Transferd,
+    details,
+    transferd_subprocess,
+    wait_final,
+)
 from transferd.service import _to_the_end
 from transferd.targets.file import FileTarget
 
@@ -45,13 +52,7 @@ def test_concurrent_cancels_all_return_cancelled_and_sigterm_still_stops(
     log = tmp_path / "transferd.log"
     target = tmp_path / "out.img"
     with log.open("wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-c",
-             "import logging, sys; logging.basicConfig(level=logging.INFO); "
-             "from transferd.server import serve; serve(sys.argv[1], sys.argv[2])",
-             f"unix:{sock}", "127.0.0.1:0"],
-            stderr=err,
-        )
+        proc = transferd_subprocess(sock, err, "127.0.0.1:0")
     try:
         with grpc.insecure_channel(f"unix:{sock}") as channel, \
                 NbdServer.nbdkit(dense_image, tmp_path / "nbd.sock", "delay",

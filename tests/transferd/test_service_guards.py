@@ -8,8 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -27,6 +25,7 @@ from tests.transferd.conftest import (
     Transferd,
     details,
     in_process_transferd,
+    transferd_subprocess,
     wait_final,
 )
 
@@ -342,12 +341,7 @@ def test_sigterm_keeps_the_target_and_journal_and_a_new_transferd_resumes(tmp_pa
     target = tmp_path / "out.img"
     nbd_sock = tmp_path / "nbd.sock"
     with log.open("wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-c",
-             "import logging, sys; logging.basicConfig(level=logging.INFO); "
-             "from transferd.server import serve; serve(sys.argv[1], '')", f"unix:{sock}"],
-            stderr=err,
-        )
+        proc = transferd_subprocess(sock, err)
     try:
         with grpc.insecure_channel(f"unix:{sock}") as channel, \
                 NbdServer.nbdkit(image, nbd_sock, "delay", params=("rdelay=500ms",)) as server:
