@@ -4,9 +4,10 @@ not done.
 
 The first line says what the journal is about (source, size, plan, which
 target, whether the transfer created the target file); each later line is
-one completed range, "OFFSET LENGTH". Ranges are appended only after the target was flushed
-(fdatasync), so a range in the journal is on disk even after a power loss. A
-torn last line (the process died while writing it) is ignored.
+one completed range, "OFFSET LENGTH". Ranges are appended only after the
+target was flushed (fdatasync), so a range in the journal is on disk even
+after a power loss. A torn last line (the process died while writing it) is
+ignored.
 """
 
 from __future__ import annotations

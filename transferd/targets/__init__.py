@@ -13,7 +13,7 @@ import stat
 import struct
 
 from ferry import errors
-from transferd.targets.block import BlockTarget, device_size
+from transferd.targets.block import BlockTarget, check_room, device_size
 from transferd.targets.file import FileTarget
 from transferd.targets.local import FLOCK, LocalTarget, in_use, kernel_filesystem
 
@@ -74,14 +74,9 @@ def check_device_size(path: str, size: int) -> None:
     for writing."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        have = device_size(fd)
+        check_room(path, device_size(fd), size)
     finally:
         os.close(fd)
-    if have < size:
-        raise errors.FailedPrecondition(
-            f"target block device {path} holds {have} bytes but the source has {size}; "
-            f"give it at least {size} bytes (e.g. a larger PVC) and retry"
-        )
 
 
 def check_unlocked(path: str) -> None:

@@ -23,6 +23,15 @@ def device_size(fd: int) -> int:
     return int(struct.unpack("=Q", buf)[0])
 
 
+def check_room(path: str, have: int, size: int) -> None:
+    """A device cannot grow: one smaller than the source is refused."""
+    if have < size:
+        raise errors.FailedPrecondition(
+            f"target block device {path} holds {have} bytes but the source has {size}; "
+            f"give it at least {size} bytes (e.g. a larger PVC) and retry"
+        )
+
+
 class BlockTarget(LocalTarget):
     kind = "block device"
 
@@ -32,18 +41,17 @@ class BlockTarget(LocalTarget):
             # O_EXCL on a block device: refuse one that is mounted or in use.
             fd = os.open(path, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
         except OSError as e:
-            hint = "it is in use (mounted?)" if e.errno == errno.EBUSY else e.strerror
+            if e.errno == errno.EBUSY:
+                hint = "it is in use (mounted?)"
+            elif e.errno in (errno.EROFS, errno.EPERM, errno.EACCES):
+                hint = f"{e.strerror} (the device is read-only, or transferd may not write it)"
+            else:
+                hint = e.strerror or str(e)
             raise errors.FailedPrecondition(
                 f"cannot open target block device {path}: {hint}; free it or choose another"
             ) from e
-        have = device_size(fd)
-        if have < size:
-            os.close(fd)
-            raise errors.FailedPrecondition(
-                f"target block device {path} holds {have} bytes but the source has {size}; "
-                f"give it at least {size} bytes (e.g. a larger PVC) and retry"
-            )
         try:
+            check_room(path, device_size(fd), size)
             direct_fd = open_direct(path, cls.kind) if direct else -1
         except BaseException:
             os.close(fd)
