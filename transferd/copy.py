@@ -14,6 +14,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -24,7 +25,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TextIO
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import uvloop
 
@@ -39,8 +40,9 @@ FLAGS = {"request_size": "--request-size", "max_requests": "--requests",
          "connections": "--connections", "profile": "--profile",
          "max_bytes_in_flight": "--request-size"}
 SERVER_START_SECONDS = 30.0
-# A list of areas in text: about 20 bytes each, so millions of areas.
-MAX_AREAS_FILE = 256 << 20
+# A list of areas in text: about 20 bytes each, so a million and more areas
+# (each takes memory: a few hundred MB at this size).
+MAX_AREAS_FILE = 32 << 20
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
@@ -60,7 +62,7 @@ def parse_size(text: str) -> int:
     value = text.strip().upper().removesuffix("B").removesuffix("I")
     unit = value[-1:] if value[-1:] in UNITS else ""
     number = value[: len(value) - len(unit)]
-    if not number.isdigit() or len(number) > 20:
+    if not (number.isascii() and number.isdigit()) or len(number) > 20:
         raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a size; pass e.g. 2097152 or 2M")
     size = int(number) * UNITS[unit]
     if size >= 1 << 64:
@@ -71,7 +73,7 @@ def parse_size(text: str) -> int:
 def parse_count(text: str) -> int:
     """A count of things (requests, connections): 0 for the default or more;
     the option's own range is checked with the other options."""
-    if not text.strip().isdigit():
+    if not (text.strip().isascii() and text.strip().isdigit()):
         raise argparse.ArgumentTypeError(
             f"{text[:40]!r} is not a whole number of 0 or more; pass e.g. 16, or 0 for the default"
         )
@@ -110,8 +112,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="show progress on stderr (a bar on a terminal, lines otherwise)")
 
 
-def is_uri(source: str) -> bool:
-    return urlsplit(source).scheme in SCHEMES
+def uri_scheme(source: str) -> str:
+    """What comes before "://", in lower case ("" for a path)."""
+    scheme, sep, _ = source.partition("://")
+    return scheme.lower() if sep and re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme) else ""
 
 
 def read_areas(path: str) -> tuple[tuple[int, int], ...]:
@@ -353,11 +357,11 @@ async def _copy_as_asked(args: argparse.Namespace) -> None:
     areas = read_areas(args.changed_areas) if args.changed_areas else None
     if not args.source:
         raise errors.InvalidInput("the source is empty; pass a disk image or an NBD URI")
-    if is_uri(args.source):
+    scheme = uri_scheme(args.source)
+    if scheme in SCHEMES:
         await copy(args, args.source, args.source, areas, sys.stderr)
         return
-    scheme = urlsplit(args.source).scheme
-    if scheme and args.source.lower().startswith(f"{scheme}://"):
+    if scheme:
         raise errors.InvalidInput(
             f"source {shown(args.source)!r} is a URI ferry copy cannot read (scheme {scheme!r}); "
             "pass an NBD URI "

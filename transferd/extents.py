@@ -228,6 +228,8 @@ def parse_areas(text: str) -> list[tuple[int, int]]:
             doc = json.loads(stripped)
         except ValueError as e:
             raise ValueError(f"not valid JSON: {e}") from e
+        except RecursionError:
+            raise ValueError("JSON nested too deeply to be a list of areas") from None
         if isinstance(doc, dict):
             doc = doc.get("changedArea", doc.get("changed_areas"))
         if not isinstance(doc, list):
@@ -254,7 +256,7 @@ def parse_areas(text: str) -> list[tuple[int, int]]:
         if not line:
             continue
         fields = line.split()
-        if len(fields) != 2 or not all(f.isdigit() for f in fields):
+        if len(fields) != 2 or not all(f.isascii() and f.isdigit() for f in fields):
             raise ValueError(f"line {number} is {line!r}; expected OFFSET LENGTH in bytes")
         areas.append((int(fields[0]), int(fields[1])))
     return areas

@@ -243,21 +243,31 @@ async def _prepare(spec: Spec, source: NbdSource, progress: engine.Progress) -> 
                 "target, or copy the whole disk"
             )
     identity = journal.Identity(spec.source_id or spec.source_uri, size, spec.plan_key())
-    jpath = journal.journal_path(path, _journal_dir() if block else "")
+    jpath = journal.journal_path(path, _journal_dir(), beside=not block)
     loaded = journal.load(jpath, identity, path) if os.path.exists(path) else None
-    if loaded is None and areas is not None and (old := journal.read_header(jpath)):
-        raise errors.FailedPrecondition(
-            f"target {path} holds an unfinished transfer (its journal {jpath} is about "
-            f"{old.get('plan', '?')} from {old.get('source', '?')}); an incremental copy "
-            "goes onto a complete copy: run that transfer again to finish it, or copy "
-            "the whole disk"
-        )
+    if loaded is None and areas is not None:
+        old = journal.read_header(jpath)
+        if old is not None or journal.is_marked(path):
+            about = (f"its journal {jpath} is about {old.get('plan', '?')} from "
+                     f"{old.get('source', '?')}" if old is not None else
+                     "a transfer marked it and did not complete; its journal is elsewhere")
+            raise errors.FailedPrecondition(
+                f"target {path} holds an unfinished transfer ({about}); an incremental "
+                "copy goes onto a complete copy: run that transfer again to finish it, or "
+                "copy the whole disk"
+            )
     done, created_before = loaded if loaded is not None else ([], False)
     plan = engine.Plan(areas, tuple(done))
     progress.size = size
     progress.planned = plan.remaining(size)
     progress.resumed = engine.Plan(areas).remaining(size) - progress.planned
     return _Prepared(spec, plan, identity, jpath, created_before)
+
+
+async def _stopped(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def first_error(e: BaseException) -> BaseException:
@@ -319,8 +329,8 @@ class Job:
         spec, path = ready.spec, ready.spec.target_path
         target = open_target(path, source.size, ready.created_before, spec.direct)
         try:
-            if is_block_device(path):
-                os.makedirs(os.path.dirname(ready.journal_path), exist_ok=True)
+            # The state directory, for a block device or a name too long.
+            os.makedirs(os.path.dirname(ready.journal_path), exist_ok=True)
             jnl = journal.Journal.create(ready.journal_path, ready.identity, target.created,
                                          ready.plan.done, path)
         except OSError as e:
@@ -364,15 +374,15 @@ class Job:
                               self.plan, on_done=self.journal.record, buffers=self.buffers)
             self._check_complete()
         except BaseException:
-            checkpoints.cancel()
+            await _stopped(checkpoints)
             # What was written before the failure stays journaled for a resume.
             with contextlib.suppress(Exception):
                 await self._checkpoint()
             raise
-        finally:
-            checkpoints.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await checkpoints
+        await _stopped(checkpoints)
+        # All of it, flushed by the engine: a stop during verify resumes there.
+        await asyncio.get_running_loop().run_in_executor(None, self.journal.commit,
+                                                         self.journal.take())
 
     def _check_complete(self) -> None:
         """The copy returned: refuses to call it done unless every planned

@@ -32,7 +32,8 @@ VERSION = 2
 # again under the same name (even with the same inode number) is not trusted.
 MARK_XATTR = "user.ferry.journal"
 # What says which device backs a block device, where the kernel tells.
-_BACKING = ("loop/backing_file", "loop/offset", "dm/uuid", "wwid", "device/wwid", "serial")
+_BACKING = ("diskseq", "loop/backing_file", "loop/offset", "dm/uuid", "wwid", "device/wwid",
+            "serial")
 # Completed ranges are made durable and journaled this often.
 CHECKPOINT_SECONDS = 1.0
 
@@ -47,13 +48,20 @@ class Identity:
     plan: str
 
 
-def journal_path(target_path: str, journal_dir: str) -> str:
-    """Beside a file target; in `journal_dir` for a block device, whose
-    directory (/dev) is no place for files, under a name no other path maps to."""
-    if not journal_dir:
-        return target_path + SUFFIX
-    digest = hashlib.sha256(target_path.encode()).hexdigest()[:16]
-    return os.path.join(journal_dir, f"{os.path.basename(target_path)}-{digest}{SUFFIX}")
+# Longest file name most filesystems take.
+NAME_MAX = 255
+
+
+def journal_path(target_path: str, journal_dir: str, beside: bool) -> str:
+    """Where the journal of a target goes, whatever name the target is
+    given (./, a symbolic link): `beside` a file target when the name fits;
+    else in `journal_dir` (for a block device, /dev is no place for files),
+    under a name no other target maps to."""
+    real = os.path.realpath(target_path)
+    if beside and len(os.fsencode(os.path.basename(real) + SUFFIX)) <= NAME_MAX:
+        return real + SUFFIX
+    digest = hashlib.sha256(os.fsencode(real)).hexdigest()[:16]
+    return os.path.join(journal_dir, f"{os.path.basename(real)[:100]}-{digest}{SUFFIX}")
 
 
 def _read_sysfs(path: str) -> str:
@@ -90,6 +98,15 @@ def _mark(target_path: str) -> None:
     if stat.S_ISREG(os.stat(target_path).st_mode):
         with contextlib.suppress(OSError):
             os.setxattr(target_path, MARK_XATTR, uuid.uuid4().hex.encode())
+
+
+def is_marked(target_path: str) -> bool:
+    """A journal marked the file and no transfer completed it since."""
+    try:
+        os.getxattr(target_path, MARK_XATTR)
+    except OSError:
+        return False
+    return True
 
 
 def unmark(target_path: str) -> None:

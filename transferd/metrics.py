@@ -66,7 +66,7 @@ class TransferMetrics:
         """Serves /metrics on host:port (port 0 picks one); returns the
         server and its port."""
         host, sep, port = listen.rpartition(":")
-        if not sep or not port.isdigit() or len(port) > 5 or int(port) > 65535:
+        if not sep or not (port.isascii() and port.isdigit()) or len(port) > 5 or int(port) > 65535:
             raise errors.InvalidInput(
                 f"metrics address {listen[:200]!r} is not host:port (a port is 0..65535); "
                 "pass e.g. 127.0.0.1:9401, or an empty value to disable metrics"

@@ -76,7 +76,7 @@ def _max_transfers() -> int:
     value = os.environ.get("FERRY_TRANSFERD_MAX_TRANSFERS", "")
     if not value:
         return DEFAULT_MAX_TRANSFERS
-    if not value.isdigit() or int(value) < 1:
+    if not (value.isascii() and value.isdigit()) or int(value) < 1:
         raise errors.InvalidInput(
             f"FERRY_TRANSFERD_MAX_TRANSFERS={value!r} is not a positive number; pass e.g. 8"
         )

@@ -84,8 +84,9 @@ class _Record:
     request: pb.StartTransferRequest
     spec: Spec
     connections: int
-    # The target's real path: the key of the busy-target check.
+    # The target's real path, and its keys in the busy-target check.
     real_target: str
+    busy_keys: list[str]
     log: ContextLogger
     progress: engine.Progress
     job: Job | None = None
@@ -250,15 +251,18 @@ class TransferService(pb_grpc.TransferServiceServicer):  # type: ignore[misc]
         # Any name of the file (./, //, a symlink) is the same target. Checked
         # first: the target's checks would find the lock the holder took.
         real = os.path.realpath(path)
-        if os.path.isabs(path) and real in self._busy_targets:
-            holder, as_path = self._busy_targets[real]
+        keys = _busy_keys(path)
+        busy = next((self._busy_targets[k] for k in keys if k in self._busy_targets), None)
+        if os.path.isabs(path) and busy is not None:
+            holder, as_path = busy
             named = f" (as {as_path})" if as_path != path else ""
             raise errors.FailedPrecondition(
                 f"target {path} is the target of transfer {holder}{named}, which has not "
                 "ended; wait for it to end or cancel it first"
             )
         check_spec(spec)
-        self._busy_targets[real] = (transfer_id, path)
+        for key in keys:
+            self._busy_targets[key] = (transfer_id, path)
         progress = engine.Progress(on_bytes=self._metrics.count_bytes)
         # A place is taken before opening, so no other start takes it meanwhile.
         admitted = self._running < self._max_transfers
@@ -274,7 +278,8 @@ class TransferService(pb_grpc.TransferServiceServicer):  # type: ignore[misc]
                 # target as it is: checked now, opened on its turn.
                 connections = await Job.check(spec, progress)
         except BaseException:
-            del self._busy_targets[real]
+            for key in keys:
+                del self._busy_targets[key]
             if admitted:
                 self._leave()
             raise
@@ -288,12 +293,13 @@ class TransferService(pb_grpc.TransferServiceServicer):  # type: ignore[misc]
             spec=spec,
             connections=connections,
             real_target=real,
+            busy_keys=keys,
             log=context_logger(log, {"plan": labels.plan, "vm": labels.vm,
                                      "disk": labels.disk, "transfer": transfer_id}),
             progress=progress,
         )
         if job is not None:
-            rec.opened(job)
+            self._opened(rec, job)
         self._records[transfer_id] = rec
         self._metrics.transfers.labels(_state_name(rec.state)).inc()
         if admitted:
@@ -308,6 +314,16 @@ class TransferService(pb_grpc.TransferServiceServicer):  # type: ignore[misc]
         )
         rec.task = asyncio.create_task(self._run(rec, admitted))
         return rec.to_proto()
+
+    def _opened(self, rec: _Record, job: Job) -> Job:
+        """The job opened (and perhaps created) the target: its inode is
+        busy too from now on."""
+        rec.opened(job)
+        key = _inode_key(*job.target.file_id)
+        if key not in rec.busy_keys:
+            rec.busy_keys.append(key)
+            self._busy_targets[key] = (rec.id, rec.request.target_path)
+        return job
 
     async def _wait_turn(self) -> None:
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -353,7 +369,7 @@ class TransferService(pb_grpc.TransferServiceServicer):  # type: ignore[misc]
                     self._set_state(rec, State.TRANSFER_STATE_RUNNING)
                     rec.progress.started = time.monotonic()
                     rec.started_at = time.time()
-                job = rec.job or rec.opened(await self._open(rec.spec, rec.progress))
+                job = rec.job or self._opened(rec, await self._open(rec.spec, rec.progress))
                 await job.run()
                 state = State.TRANSFER_STATE_SUCCEEDED
             except asyncio.CancelledError:
@@ -381,7 +397,8 @@ class TransferService(pb_grpc.TransferServiceServicer):  # type: ignore[misc]
                 if rec.job is not None:
                     await _to_the_end(rec.job.close())
             finally:
-                self._busy_targets.pop(rec.real_target, None)
+                for key in rec.busy_keys:
+                    self._busy_targets.pop(key, None)
                 self._finish(rec, state)
                 if admitted:
                     self._leave()
@@ -558,6 +575,20 @@ async def _to_the_end(work: Coroutine[Any, Any, T]) -> T:
         except asyncio.CancelledError:
             if task.done():
                 raise
+
+
+def _busy_keys(path: str) -> list[str]:
+    """What makes two names one target (./, //, a symbolic link, a hard
+    link): the real path and, once the file exists, its inode."""
+    keys = [os.path.realpath(path)]
+    with contextlib.suppress(OSError):
+        st = os.stat(path)
+        keys.append(_inode_key(st.st_dev, st.st_ino))
+    return keys
+
+
+def _inode_key(dev: int, ino: int) -> str:
+    return f"inode {dev}:{ino}"
 
 
 def _check_written(path: str, st: os.stat_result,

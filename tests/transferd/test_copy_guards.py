@@ -46,6 +46,16 @@ def killed_once_journaled(proc: subprocess.Popen[str], target: Path) -> None:
     proc.wait()
 
 
+def killed_once_journaled_in(proc: subprocess.Popen[str], journals: Path) -> None:
+    """The same for a journal kept in the state directory."""
+    while not any(len(j.read_text().splitlines()) > 1 for j in journals.glob("*")
+                  if j.suffix == journal.SUFFIX):
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+
+
 SLOW = ("--requests", "1", "--request-size", "256K")
 
 
@@ -153,20 +163,38 @@ def test_sigkill_of_a_copy_of_an_image_takes_its_qemu_nbd_along(
         time.sleep(0.05)
 
 
-def test_an_incremental_copy_onto_an_unfinished_full_copy_is_refused(
+def test_an_incremental_copy_onto_an_unfinished_full_copy_is_refused_by_any_name(
         image: Path, tmp_path: Path):
     target = tmp_path / "out.img"
     areas = tmp_path / "areas.txt"
     areas.write_text("0 4096\n")
+    (tmp_path / "link.img").symlink_to(target)
     with slow_server(image, tmp_path / "nbd.sock") as server:
         killed_once_journaled(start_copy(server.uri, target, *SLOW), target)
+        os.link(target, tmp_path / "hard.img")
         before = target.read_bytes()
-        done = ferry_copy(server.uri, target, "--changed-areas", areas)
+        refused = [ferry_copy(server.uri, tmp_path / name, "--changed-areas", areas)
+                   for name in ("out.img", "link.img", "hard.img")]
 
-    assert done.returncode == 2, done.stderr
-    assert f"target {target} holds an unfinished transfer" in done.stderr
-    assert "run that transfer again to finish it" in done.stderr
+    for done, name in zip(refused, ("out.img", "link.img", "hard.img"), strict=True):
+        assert done.returncode == 2, done.stderr
+        assert f"target {tmp_path / name} holds an unfinished transfer" in done.stderr
+        assert "run that transfer again to finish it" in done.stderr
     assert target.read_bytes() == before
+
+
+def test_a_target_name_too_long_for_a_journal_beside_it_still_resumes(
+        image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("FERRY_STATE_DIR", str(tmp_path / "state"))
+    target = tmp_path / ("n" * 250)
+    with slow_server(image, tmp_path / "nbd.sock") as server:
+        killed_once_journaled_in(start_copy(server.uri, target, *SLOW),
+                                 tmp_path / "state" / "transferd-journals")
+        done = ferry_copy(server.uri, target, "--progress")
+
+    assert done.returncode == 0, done.stderr
+    assert "done by an earlier run" in done.stderr
+    assert target.read_bytes() == image.read_bytes()
 
 
 def test_a_truncated_qcow2_is_refused_not_copied_as_zeros(image: Path, tmp_path: Path):
@@ -184,6 +212,8 @@ def test_a_truncated_qcow2_is_refused_not_copied_as_zeros(image: Path, tmp_path:
     (lambda p: p.write_bytes(b"\xff\xfe garbage"), "is not UTF-8 text (byte 0)"),
     (lambda p: os.mkfifo(p), "is not a regular file"),
     (lambda p: p.write_text('[{"start": -5, "length": 10}]'), "integers of 0 or more"),
+    (lambda p: p.write_text("[" * 100000 + "]" * 100000), "JSON nested too deeply"),
+    (lambda p: p.write_text("0 \u0664\u0660\u0669\u0666\n"), "expected OFFSET LENGTH in bytes"),
 ])
 def test_a_changed_areas_file_that_is_no_list_is_refused(
         image: Path, tmp_path: Path, make: object, message: str):
@@ -204,6 +234,8 @@ def test_a_changed_areas_file_that_is_no_list_is_refused(
     ("nbd://127.0.0.1:99999/", "has a port that is not a number from 1 to 65535"),
     ("NBD+UNIX:///?socket=/tmp/x.sock", "write the scheme in lower case (nbd+unix://)"),
     ("nbd+unix:///?socket=/a&socket=/b", "names 2 sockets; give socket= once"),
+    ("nbd+unix:///?socket=/a&socket=", "names 2 sockets; give socket= once"),
+    ("nbd://[::1/", "is not a well-formed URI (Invalid IPv6 URL)"),
 ])
 def test_a_malformed_nbd_uri_is_invalid_input(tmp_path: Path, uri: str, message: str):
     done = ferry_copy(uri, tmp_path / "out.img")

@@ -135,14 +135,18 @@ def test_a_running_transfers_target_under_another_name_is_refused_naming_it(
         "ended; wait for it to end or cancel it first")
 
 
+@pytest.mark.parametrize("kind", ["symlink", "hard link"])
 def test_a_pending_transfers_target_under_another_name_is_refused_naming_it(
-    one_at_a_time: Transferd, slow: NbdServer, fast: NbdServer, tmp_path: Path
+    one_at_a_time: Transferd, slow: NbdServer, fast: NbdServer, tmp_path: Path, kind: str
 ):
     td = one_at_a_time
     target = tmp_path / "b.img"
     target.write_bytes(b"\xaa" * MiB)
     link = tmp_path / "link.img"
-    link.symlink_to(target)
+    if kind == "symlink":
+        link.symlink_to(target)
+    else:
+        os.link(target, link)
     with running(td, slow_request(slow, tmp_path / "a.img")), \
             running(td, pb.StartTransferRequest(source_uri=fast.uri,
                                                 target_path=str(target))) as second:

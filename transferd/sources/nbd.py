@@ -54,7 +54,15 @@ def check_uri(uri: str) -> None:
         raise errors.InvalidInput(
             "the source URI is empty; pass nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH"
         )
-    parts = urlsplit(uri)
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018  (parsing the port raises on a malformed one)
+    except ValueError as e:
+        if "Port" not in str(e):
+            raise errors.InvalidInput(
+                f"source {shown(uri)!r} is not a well-formed URI ({e}); pass "
+                "nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH"
+            ) from e
     if parts.scheme not in SCHEMES:
         raise errors.InvalidInput(
             f"source {shown(uri)!r} is not an NBD URI (scheme {parts.scheme!r}); pass "
@@ -65,7 +73,7 @@ def check_uri(uri: str) -> None:
             f"source {shown(uri)!r}: write the scheme in lower case ({parts.scheme}://)"
         )
     if parts.scheme.endswith("+unix"):
-        sockets = parse_qs(parts.query).get("socket", [])
+        sockets = parse_qs(parts.query, keep_blank_values=True).get("socket", [])
         if len(sockets) > 1:
             raise errors.InvalidInput(
                 f"source {shown(uri)!r} names {len(sockets)} sockets; give socket= once"

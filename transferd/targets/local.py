@@ -270,6 +270,8 @@ class LocalTarget:
     async def keep(self) -> None:
         """After a stop that keeps the target for a resume: waits for
         zeroing in progress, then flushes and closes."""
+        if self._fd < 0:
+            return  # closed already: the copy had ended and flushed it
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._pool.shutdown, True)
         try:
