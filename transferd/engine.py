@@ -232,12 +232,13 @@ async def _planned_steps(
 
 async def copy(
     source: Source, target: Target, tuning: Tuning, progress: Progress,
-    plan: Plan = Plan(), on_done: Callable[[int, int], None] | None = None,
+    plan: Plan = Plan(), on_done: Callable[[int, int, memoryview | None], None] | None = None,
     buffers: Buffers | None = None,
 ) -> None:
     """Copies what `plan` covers from the source onto the target and makes it
-    durable. `on_done(offset, length)` is told of every range written or
-    zeroed (the journal). `buffers` may be shared with other transfers (by
+    durable. `on_done(offset, length, data)` is told of every range written
+    (`data` what was written, valid only during the call) or zeroed (None):
+    the journal. `buffers` may be shared with other transfers (by
     default the transfer has its own, as large as its bytes in flight).
     Raises the first failure; the caller decides what happens to the target."""
     progress.size = source.size
@@ -247,9 +248,9 @@ async def copy(
     pool = buffers or Buffers(max(tuning.max_bytes_in_flight, tuning.request_size))
     ahead: asyncio.Queue[list[extents.Step] | None] = asyncio.Queue(STATUS_AHEAD)
 
-    def finished(offset: int, length: int) -> None:
+    def finished(offset: int, length: int, data: memoryview | None) -> None:
         if on_done is not None:
-            on_done(offset, length)
+            on_done(offset, length, data)
 
     # Buffers handed to tasks and not yet given back: a task cancelled
     # before it ran cannot give its buffer back itself.
@@ -271,7 +272,7 @@ async def copy(
                 progress.inflight -= 1
             progress.add("read", length)
             progress.add("written", length)
-            finished(offset, length)
+            finished(offset, length, view)
             reusable = True
         finally:
             slots.release()
@@ -287,7 +288,7 @@ async def copy(
             for off, n in extents.split(offset, length, ZERO_STEP):
                 await target.zero(off, n)
                 progress.add("zeroed", n)
-                finished(off, n)
+                finished(off, n, None)
         finally:
             slots.release()
 

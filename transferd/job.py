@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 MiB = 1 << 20
 MAX_CONNECTIONS = 16
+# Journaled ranges whose ends a resume reads back before trusting the
+# journal: enough to catch a target or source replaced or truncated, few
+# enough to cost a fraction of a second even from a slow source.
+RESUME_SAMPLES = 128
 
 
 @dataclass(frozen=True)
@@ -200,6 +204,7 @@ class _Prepared:
     identity: journal.Identity
     journal_path: str
     created_before: bool
+    written: list[journal.Written]
 
 
 async def _prepare(spec: Spec, source: NbdSource, progress: engine.Progress) -> _Prepared:
@@ -245,6 +250,10 @@ async def _prepare(spec: Spec, source: NbdSource, progress: engine.Progress) -> 
     identity = journal.Identity(spec.source_id or spec.source_uri, size, spec.plan_key())
     jpath = journal.journal_path(path, _journal_dir(), beside=not block)
     loaded = journal.load(jpath, identity, path) if os.path.exists(path) else None
+    if loaded is not None and (differs := await _first_unlike(loaded.written, source, path)):
+        log.warning("journal %s: the %s no longer holds what was written at offset %d; "
+                    "copying everything again", jpath, differs[0], differs[1])
+        loaded = None
     if loaded is None and areas is not None:
         old = journal.read_header(jpath)
         if old is not None or journal.is_marked(path):
@@ -256,12 +265,43 @@ async def _prepare(spec: Spec, source: NbdSource, progress: engine.Progress) -> 
                 "copy goes onto a complete copy: run that transfer again to finish it, or "
                 "copy the whole disk"
             )
-    done, created_before = loaded if loaded is not None else ([], False)
-    plan = engine.Plan(areas, tuple(done))
+    plan = engine.Plan(areas, tuple(loaded.done) if loaded else ())
     progress.size = size
     progress.planned = plan.remaining(size)
     progress.resumed = engine.Plan(areas).remaining(size) - progress.planned
-    return _Prepared(spec, plan, identity, jpath, created_before)
+    return _Prepared(spec, plan, identity, jpath, bool(loaded and loaded.created),
+                     loaded.written if loaded else [])
+
+
+async def _first_unlike(written: list[journal.Written], source: NbdSource,
+                        target_path: str) -> tuple[str, int] | None:
+    """Reads back the ends of up to RESUME_SAMPLES journaled ranges, spread
+    over the journal, from the target and the source; the first that
+    differs from what was written, as ("target" or "source", offset)."""
+    picked = written[::-(-len(written) // RESUME_SAMPLES)] if written else []
+    samples = [s for w in picked for s in w.samples()]
+
+    def from_target() -> list[str]:
+        fd = os.open(target_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return [journal.digest(os.pread(fd, n, offset)) for offset, n, _ in samples]
+        finally:
+            os.close(fd)
+
+    async def from_source(offset: int, n: int) -> str:
+        buf = memoryview(bytearray(n))
+        await source.read_into(offset, buf)
+        return journal.digest(buf)
+
+    on_target = await asyncio.get_running_loop().run_in_executor(None, from_target)
+    on_source = await asyncio.gather(*(from_source(o, n) for o, n, _ in samples))
+    for (offset, _, want), got_target, got_source in zip(samples, on_target, on_source,
+                                                          strict=True):
+        if got_target != want:
+            return "target", offset
+        if got_source != want:
+            return "source", offset
+    return None
 
 
 async def _stopped(task: asyncio.Task[None]) -> None:
@@ -332,7 +372,7 @@ class Job:
             # The state directory, for a block device or a name too long.
             os.makedirs(os.path.dirname(ready.journal_path), exist_ok=True)
             jnl = journal.Journal.create(ready.journal_path, ready.identity, target.created,
-                                         ready.plan.done, path)
+                                         ready.written, path)
         except OSError as e:
             fix = ("free space there" if e.errno in (errno.ENOSPC, errno.EDQUOT)
                    else "make the directory writable")

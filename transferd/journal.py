@@ -4,7 +4,11 @@ not done.
 
 The first line says what the journal is about (source, size, plan, which
 target, whether the transfer created the target file); each later line is
-one completed range, "OFFSET LENGTH". Ranges are appended only after the
+one completed range, "OFFSET LENGTH HEAD TAIL", HEAD and TAIL digests of its
+first and last bytes as written: before a resume trusts the journal, it
+reads a sample of those back from both the target and the source, so a
+target or source that changed since (truncated, copied over, re-attached)
+is copied again rather than mixed. Ranges are appended only after the
 target was flushed (fdatasync), so a range in the journal is on disk even
 after a power loss. A torn last line (the process died while writing it) is
 ignored.
@@ -13,6 +17,7 @@ ignored.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -21,13 +26,16 @@ import stat
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 from transferd.extents import normalize_areas
 
 log = logging.getLogger(__name__)
 
 SUFFIX = ".ferry-journal"
-VERSION = 2
+VERSION = 3
+# Bytes at each end of a range whose digest the journal keeps.
+SAMPLE = 4096
 # The mark a journal puts on its target file, so that a file deleted and made
 # again under the same name (even with the same inode number) is not trusted.
 MARK_XATTR = "user.ferry.journal"
@@ -36,6 +44,52 @@ _BACKING = ("diskseq", "loop/backing_file", "loop/offset", "dm/uuid", "wwid", "d
             "serial")
 # Completed ranges are made durable and journaled this often.
 CHECKPOINT_SECONDS = 1.0
+
+
+def digest(data: bytes | memoryview) -> str:
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+@functools.cache
+def zeros_digest(length: int) -> str:
+    return digest(bytes(length))
+
+
+class Written(NamedTuple):
+    """A range done, with the digests of its first and last SAMPLE bytes (or
+    fewer, in a short range) as written."""
+
+    offset: int
+    length: int
+    head: str
+    tail: str
+
+    @classmethod
+    def of(cls, offset: int, length: int, data: memoryview | None) -> Written:
+        """`data` is what was written; None for a range zeroed."""
+        n = min(SAMPLE, length)
+        if data is None:
+            return cls(offset, length, zeros_digest(n), zeros_digest(n))
+        return cls(offset, length, digest(data[:n]), digest(data[length - n:]))
+
+    def samples(self) -> list[tuple[int, int, str]]:
+        """(offset, length, digest) of the two ends."""
+        n = min(SAMPLE, self.length)
+        return [(self.offset, n, self.head), (self.offset + self.length - n, n, self.tail)]
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A journal that applies: what was written, and whether the transfer
+    created the target."""
+
+    written: list[Written]
+    created: bool
+    size: int
+
+    @property
+    def done(self) -> list[tuple[int, int]]:
+        return normalize_areas([(w.offset, w.length) for w in self.written], self.size)
 
 
 @dataclass(frozen=True)
@@ -127,12 +181,10 @@ def read_header(path: str) -> dict[str, object] | None:
     return value if isinstance(value, dict) else None
 
 
-def load(path: str, identity: Identity, target_path: str
-         ) -> tuple[list[tuple[int, int]], bool] | None:
-    """The completed ranges and whether the transfer created the target, or
-    None when there is no journal for this identity and this very target (a
-    journal about another source, size, plan or target is ignored and later
-    replaced)."""
+def load(path: str, identity: Identity, target_path: str) -> Loaded | None:
+    """The journal at `path`, or None when there is none for this identity
+    and this very target (a journal about another source, size, plan or
+    target is ignored and later replaced). Its samples are not checked here."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().split("\n")
@@ -152,19 +204,22 @@ def load(path: str, identity: Identity, target_path: str
         log.warning("journal %s is about another target than %s (it was replaced or changed "
                     "since); starting over", path, target_path)
         return None
-    done: list[tuple[int, int]] = []
+    written: list[Written] = []
     # The last element follows the last newline: empty, or a torn line.
     for line in lines[1:-1]:
         fields = line.split()
-        if len(fields) != 2 or not all(x.isdigit() for x in fields):
+        if (len(fields) != 4 or not all(x.isascii() and x.isdigit() for x in fields[:2])
+                or not all(len(x) == 16 for x in fields[2:])):
             log.warning("journal %s has a malformed line %r; starting over", path, line)
             return None
-        done.append((int(fields[0]), int(fields[1])))
+        written.append(Written(int(fields[0]), int(fields[1]), fields[2], fields[3]))
+    loaded = Loaded(written, bool(header.get("created")), identity.size)
     try:
-        return normalize_areas(done, identity.size), bool(header.get("created"))
+        loaded.done  # noqa: B018  (raises on ranges outside the disk)
     except ValueError:
         log.warning("journal %s lists ranges outside the disk; starting over", path)
         return None
+    return loaded
 
 
 class Journal:
@@ -176,7 +231,7 @@ class Journal:
         self.path = path
         self._fd = fd
         self.enabled = fd >= 0
-        self._pending: list[tuple[int, int]] = []
+        self._pending: list[Written] = []
 
     @classmethod
     def disabled(cls, path: str) -> Journal:
@@ -186,15 +241,14 @@ class Journal:
 
     @classmethod
     def create(cls, path: str, identity: Identity, created: bool,
-               done: Sequence[tuple[int, int]], target_path: str) -> Journal:
+               done: Sequence[Written], target_path: str) -> Journal:
         """Marks the (open) target, writes a fresh journal about it (header
-        plus the ranges already done, merged) and replaces any older one
-        atomically."""
+        plus the ranges already done) and replaces any older one atomically."""
         _mark(target_path)
         tmp = path + ".tmp"
         header = json.dumps({"version": VERSION, **asdict(identity),
                              "target": target_identity(target_path), "created": created})
-        body = "".join(f"{o} {n}\n" for o, n in done)
+        body = "".join(_line(w) for w in done)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
             os.write(fd, f"{header}\n{body}".encode())
@@ -208,26 +262,30 @@ class Journal:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         return cls(path, fd)
 
-    def record(self, offset: int, length: int) -> None:
+    def record(self, offset: int, length: int, data: memoryview | None) -> None:
+        """Notes a range written (`data`, while it is at hand) or zeroed (None)."""
         if self.enabled:
-            self._pending.append((offset, length))
+            self._pending.append(Written.of(offset, length, data))
 
-    def take(self) -> list[tuple[int, int]]:
-        """The ranges recorded since the last take, merged."""
+    def take(self) -> list[Written]:
+        """The ranges recorded since the last take, neighbours merged where
+        both are long enough that their ends are the merged range's ends."""
         pending, self._pending = self._pending, []
         pending.sort()
-        merged: list[tuple[int, int]] = []
-        for o, n in pending:
-            if merged and merged[-1][0] + merged[-1][1] == o:
-                merged[-1] = (merged[-1][0], merged[-1][1] + n)
+        merged: list[Written] = []
+        for w in pending:
+            last = merged[-1] if merged else None
+            if (last is not None and last.offset + last.length == w.offset
+                    and last.length >= SAMPLE and w.length >= SAMPLE):
+                merged[-1] = Written(last.offset, last.length + w.length, last.head, w.tail)
             else:
-                merged.append((o, n))
+                merged.append(w)
         return merged
 
-    def commit(self, ranges: Sequence[tuple[int, int]]) -> None:
+    def commit(self, ranges: Sequence[Written]) -> None:
         """Appends ranges that are already durable on the target."""
         if ranges:
-            os.write(self._fd, "".join(f"{o} {n}\n" for o, n in ranges).encode())
+            os.write(self._fd, "".join(_line(w) for w in ranges).encode())
             os.fdatasync(self._fd)
 
     def close(self) -> None:
@@ -241,3 +299,7 @@ class Journal:
         self.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+
+
+def _line(w: Written) -> str:
+    return f"{w.offset} {w.length} {w.head} {w.tail}\n"

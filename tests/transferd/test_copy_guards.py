@@ -135,6 +135,39 @@ def test_a_target_replaced_before_the_resume_is_copied_whole(image: Path, tmp_pa
     assert journal.MARK_XATTR not in os.listxattr(target)
 
 
+def test_a_target_emptied_in_place_before_the_resume_is_copied_whole(
+        image: Path, tmp_path: Path):
+    """Same inode, same size, the journal's mark still on it: only reading
+    back what the journal says was written shows the target lost it."""
+    target = tmp_path / "out.img"
+    with slow_server(image, tmp_path / "nbd.sock") as server:
+        killed_once_journaled(start_copy(server.uri, target, *SLOW), target)
+        os.truncate(target, 0)
+        os.truncate(target, SIZE)
+        done = ferry_copy(server.uri, target, "--progress")
+
+    assert done.returncode == 0, done.stderr
+    assert "the target no longer holds what was written at offset" in done.stderr
+    assert "done by an earlier run" not in done.stderr
+    assert target.read_bytes() == image.read_bytes()
+
+
+def test_an_image_changed_in_place_keeping_its_mtime_is_copied_whole(
+        big_image: Path, tmp_path: Path):
+    target = tmp_path / "out.img"
+    killed_once_journaled(start_copy(big_image, target, "--requests", "1", "--request-size",
+                                     "4K"), target)
+    st = big_image.stat()
+    with big_image.open("r+b") as f:
+        f.write(os.urandom(64 * KiB))
+    os.utime(big_image, ns=(st.st_atime_ns, st.st_mtime_ns))
+    done = ferry_copy(big_image, target, "--progress")
+
+    assert done.returncode == 0, done.stderr
+    assert "the source no longer holds what was written at offset 0" in done.stderr
+    assert target.read_bytes() == big_image.read_bytes()
+
+
 def test_an_image_changed_before_the_resume_is_copied_whole(big_image: Path, tmp_path: Path):
     target = tmp_path / "out.img"
     killed_once_journaled(start_copy(big_image, target, "--requests", "1", "--request-size",

@@ -110,7 +110,8 @@ def test_journal_of_another_source_is_not_trusted(image: Path, tmp_path: Path):
     target.write_bytes(bytes(SIZE))
     j = journal.Journal.create(f"{target}{journal.SUFFIX}",
                                journal.Identity("nbd://elsewhere/", SIZE, "full"),
-                               created=True, done=[(0, SIZE)], target_path=str(target))
+                               created=True, done=[journal.Written.of(0, SIZE, None)],
+                               target_path=str(target))
     j.close()
     with NbdServer.nbdkit(image, tmp_path / "nbd.sock") as server, \
             transferd_process(tmp_path / "t.sock") as (_, stub):
@@ -128,13 +129,17 @@ def test_journal_load_ignores_a_torn_last_line(tmp_path: Path):
     target = tmp_path / "t"
     target.write_bytes(bytes(1 << 20))
     ident = journal.Identity("nbd://h/", 1 << 20, "full")
-    j = journal.Journal.create(path, ident, created=False, done=[(0, 4096)],
+    zeros = [journal.Written.of(o, 4096, None) for o in (0, 8192, 12288)]
+    j = journal.Journal.create(path, ident, created=False, done=zeros[:1],
                                target_path=str(target))
-    j.commit([(8192, 4096), (12288, 4096)])
+    j.commit(zeros[1:])
     j.close()
     with open(path, "a") as f:
         f.write("16384 40")  # the process died here
-    assert journal.load(path, ident, str(target)) == ([(0, 4096), (8192, 8192)], False)
+    loaded = journal.load(path, ident, str(target))
+    assert loaded is not None and not loaded.created
+    assert loaded.written == zeros
+    assert loaded.done == [(0, 4096), (8192, 8192)]
     assert journal.load(path, journal.Identity("nbd://h/", 1 << 20, "dirty-bitmap:b"),
                         str(target)) is None
 
