@@ -85,11 +85,7 @@ class Loaded:
 
     written: list[Written]
     created: bool
-    size: int
-
-    @property
-    def done(self) -> list[tuple[int, int]]:
-        return normalize_areas([(w.offset, w.length) for w in self.written], self.size)
+    done: list[tuple[int, int]]  # the written ranges, sorted and merged
 
 
 @dataclass(frozen=True)
@@ -129,8 +125,9 @@ def _read_sysfs(path: str) -> str:
 def target_identity(path: str) -> str:
     """Which target this is, as a journal checks before it is trusted: a
     file's device, inode, size and the journal's mark on it; a block
-    device's number and size and, where the kernel says, what backs it
-    (a loop device's file, a device-mapper UUID, a disk's WWID or serial).
+    device's number, size, disk sequence number (new at every attach) and,
+    where the kernel says, what backs it (a loop device's file, a
+    device-mapper UUID, a disk's WWID or serial).
     "" when the target does not exist."""
     try:
         st = os.stat(path)
@@ -213,13 +210,12 @@ def load(path: str, identity: Identity, target_path: str) -> Loaded | None:
             log.warning("journal %s has a malformed line %r; starting over", path, line)
             return None
         written.append(Written(int(fields[0]), int(fields[1]), fields[2], fields[3]))
-    loaded = Loaded(written, bool(header.get("created")), identity.size)
     try:
-        loaded.done  # noqa: B018  (raises on ranges outside the disk)
+        done = normalize_areas([(w.offset, w.length) for w in written], identity.size)
     except ValueError:
         log.warning("journal %s lists ranges outside the disk; starting over", path)
         return None
-    return loaded
+    return Loaded(written, bool(header.get("created")), done)
 
 
 class Journal:
