@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(TARGET.ferry-journal beside a file), and the same command resumes the copy. "
         "Exit status: 0 only when the target is complete and flushed (and, with --verify, "
         "equal to the source); 2 when an argument, the source or the target is wrong; "
-        "130 or 143 when interrupted by SIGINT or SIGTERM; 1 when the copy failed.",
+        "130 or 143 when interrupted by SIGINT or SIGTERM; 1 when the source could not "
+        "be reached or the copy failed. Numeric options take 0 for their default.",
     )
     from transferd.copy import add_arguments as add_copy_arguments
 

@@ -282,6 +282,10 @@ async def copy(args: argparse.Namespace, uri: str, source_id: str,
     )
     progress = engine.Progress()
     job = await Job.open(spec, progress)
+    if progress.resumed:
+        # Said with or without --progress: the run is a resume.
+        out.write(f"resuming: {_human(progress.resumed)} of {_human(progress.size)} were "
+                  f"copied by an earlier run ({job.journal.path})\n")
     tty = out.isatty()
     state = {"verifying": False}
     reporter = asyncio.create_task(_report(job, out, tty, state)) if args.progress else None

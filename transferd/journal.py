@@ -190,16 +190,16 @@ def load(path: str, identity: Identity, target_path: str) -> Loaded | None:
     try:
         header = json.loads(lines[0])
     except ValueError:
-        log.warning("journal %s is unreadable; starting the transfer over", path)
+        log.warning("journal %s is unreadable; not using it", path)
         return None
     if header.get("version") != VERSION or Identity(
         header.get("source", ""), header.get("size", -1), header.get("plan", "")
     ) != identity:
-        log.warning("journal %s is about another transfer (%s); starting over", path, header)
+        log.warning("journal %s is about another transfer (%s); not using it", path, header)
         return None
     if header.get("target") != target_identity(target_path):
         log.warning("journal %s is about another target than %s (it was replaced or changed "
-                    "since); starting over", path, target_path)
+                    "since); not using it", path, target_path)
         return None
     written: list[Written] = []
     # The last element follows the last newline: empty, or a torn line.
@@ -207,13 +207,13 @@ def load(path: str, identity: Identity, target_path: str) -> Loaded | None:
         fields = line.split()
         if (len(fields) != 4 or not all(x.isascii() and x.isdigit() for x in fields[:2])
                 or not all(len(x) == 16 for x in fields[2:])):
-            log.warning("journal %s has a malformed line %r; starting over", path, line)
+            log.warning("journal %s has a malformed line %r; not using it", path, line)
             return None
         written.append(Written(int(fields[0]), int(fields[1]), fields[2], fields[3]))
     try:
         done = normalize_areas([(w.offset, w.length) for w in written], identity.size)
     except ValueError:
-        log.warning("journal %s lists ranges outside the disk; starting over", path)
+        log.warning("journal %s lists ranges outside the disk; not using it", path)
         return None
     return Loaded(written, bool(header.get("created")), done)
 
