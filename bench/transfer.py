@@ -36,6 +36,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from transferd.copy import parse_size as parse_copy_size
+
 MiB = 1 << 20
 GiB = 1 << 30
 WORKLOADS = ("dense", "sparse", "vddk", "parallel")
@@ -320,13 +322,11 @@ def machine_note() -> str:
 
 
 def parse_size(text: str) -> int:
-    """A size such as 2G, 512M or 65536; positive."""
-    units = {"K": 1 << 10, "M": MiB, "G": GiB}
-    number, unit = (text[:-1], units[text[-1].upper()]) if text[-1:].upper() in units \
-        else (text, 1)
-    if not number.isdigit() or int(number) == 0:
+    """A size as `ferry copy` takes one (2G, 512M, 65536), more than 0."""
+    size = parse_copy_size(text)
+    if size == 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size; pass e.g. 2G or 512M")
-    return int(number) * unit
+    return size
 
 
 def parse_repeat(text: str) -> int:

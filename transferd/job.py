@@ -486,7 +486,7 @@ class Job:
         """After the copy was stopped for a shutdown (not by the operator):
         makes what was written durable and journaled, and keeps the target
         and its journal, even a target this transfer created, for a resume."""
-        await self.target.keep()
+        await self.target.finish()
         await asyncio.get_running_loop().run_in_executor(None, self.journal.commit,
                                                          self.journal.take())
         self.journal.close()

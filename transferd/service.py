@@ -102,11 +102,6 @@ class _Record:
     suspending: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def opened(self, job: Job) -> Job:
-        self.job, self.spec, self.connections = job, job.spec, job.connections
-        self.target_inode = job.target.file_id
-        return job
-
     def to_proto(self) -> pb.Transfer:
         p = self.progress
         tuning = self.spec.tuning
@@ -316,10 +311,11 @@ class TransferService(pb_grpc.TransferServiceServicer):  # type: ignore[misc]
         return rec.to_proto()
 
     def _opened(self, rec: _Record, job: Job) -> Job:
-        """The job opened (and perhaps created) the target: its inode is
-        busy too from now on."""
-        rec.opened(job)
-        key = _inode_key(*job.target.file_id)
+        """The job opened (and perhaps created) the target: the record takes
+        what the job settled, and the target's inode is busy too from now on."""
+        rec.job, rec.spec, rec.connections = job, job.spec, job.connections
+        rec.target_inode = job.target.file_id
+        key = _inode_key(*rec.target_inode)
         if key not in rec.busy_keys:
             rec.busy_keys.append(key)
             self._busy_targets[key] = (rec.id, rec.request.target_path)

@@ -67,6 +67,12 @@ def _wait_until_serving(pidfile: Path, proc: subprocess.Popen[bytes]) -> None:
         time.sleep(0.05)
 
 
+def ferry_copy(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`ferry copy ARGS` as a user runs it, its output captured."""
+    return subprocess.run([sys.executable, "-m", "ferry.cli", "copy", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
 def transferd_subprocess(sock: Path, err: IO[bytes], metrics: str = ""
                          ) -> subprocess.Popen[bytes]:
     """transferd in a process of its own, as `ferry serve transferd` runs it,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.transferd.conftest import KiB, MiB, NbdServer, sparse_hash
+from tests.transferd.conftest import KiB, MiB, NbdServer, ferry_copy, sparse_hash
 from transferd import engine
 from transferd.copy import parse_size, progress_line
 
@@ -30,11 +30,6 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
             f.seek(offset)
             f.write(os.urandom(length))
     return path
-
-
-def ferry_copy(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ferry.cli", "copy", *map(str, args)],
-                          capture_output=True, text=True, timeout=120, check=False)
 
 
 def test_local_image_copies_sparse_verified_with_progress(image: Path, tmp_path: Path):

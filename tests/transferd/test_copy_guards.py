@@ -14,15 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.transferd.conftest import KiB, MiB, NbdServer
+from tests.transferd.conftest import KiB, MiB, NbdServer, ferry_copy
 from transferd import journal
 
 SIZE = 16 * MiB
-
-
-def ferry_copy(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ferry.cli", "copy", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def start_copy(*args: str | Path) -> subprocess.Popen[str]:

@@ -15,7 +15,7 @@ import struct
 from ferry import errors
 from transferd.targets.block import BlockTarget, check_room, device_size
 from transferd.targets.file import FileTarget
-from transferd.targets.local import FLOCK, LocalTarget, in_use, kernel_filesystem
+from transferd.targets.local import FLOCK, LocalTarget, in_use, refuse_kernel_filesystem
 
 
 def check_target(path: str) -> None:
@@ -45,7 +45,7 @@ def check_target(path: str) -> None:
                 f"target directory {parent} is not writable by transferd; fix its "
                 "permissions or choose another target"
             ) from None
-        _refuse_pseudo_filesystem(path, parent)
+        refuse_kernel_filesystem(path, parent)
         return
     if stat.S_ISDIR(st.st_mode):
         raise errors.InvalidInput(
@@ -56,17 +56,8 @@ def check_target(path: str) -> None:
             f"target {path} is neither a regular file nor a block device; pass one of those"
         )
     if stat.S_ISREG(st.st_mode):
-        _refuse_pseudo_filesystem(path, path)
+        refuse_kernel_filesystem(path, path)
     check_unlocked(path)
-
-
-def _refuse_pseudo_filesystem(path: str, where: str) -> None:
-    fs = kernel_filesystem(where)
-    if fs:
-        raise errors.InvalidInput(
-            f"target {path} is on {fs}, a kernel interface and no storage; pass a file "
-            "on a disk's filesystem or a block device"
-        )
 
 
 def check_device_size(path: str, size: int) -> None:

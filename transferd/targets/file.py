@@ -14,9 +14,9 @@ from transferd.targets.local import (
     LocalTarget,
     fallocate,
     in_use,
-    kernel_filesystem,
     lock_for_writing,
     open_direct,
+    refuse_kernel_filesystem,
     write_zeros,
 )
 
@@ -64,11 +64,11 @@ class FileTarget(LocalTarget):
             ) from e
         try:
             # What was opened, not what the path named when it was checked.
-            if not stat.S_ISREG(os.fstat(fd).st_mode) or kernel_filesystem(f"/proc/self/fd/{fd}"):
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise errors.InvalidInput(
-                    f"target {path} is no regular file on storage; pass a file on a disk's "
-                    "filesystem or a block device"
+                    f"target {path} is no longer a regular file; pass a file or a block device"
                 )
+            refuse_kernel_filesystem(path, f"/proc/self/fd/{fd}")
             if not lock_for_writing(fd):
                 # Even a file just created: whoever locked it first owns it.
                 raise errors.FailedPrecondition(in_use(path))

@@ -64,9 +64,15 @@ def filesystem_type(path: str) -> int:
     return int(struct.unpack_from("l", buf.raw)[0]) & 0xFFFFFFFF
 
 
-def kernel_filesystem(path: str) -> str:
-    """The name of the kernel filesystem holding `path`, "" for storage."""
-    return PSEUDO_FILESYSTEMS.get(filesystem_type(path), "")
+def refuse_kernel_filesystem(target: str, where: str) -> None:
+    """Refuses `target` when `where` (the target, its directory, or its
+    open descriptor under /proc/self/fd) is on a kernel filesystem."""
+    fs = PSEUDO_FILESYSTEMS.get(filesystem_type(where))
+    if fs is not None:
+        raise errors.InvalidInput(
+            f"target {target} is on {fs}, a kernel interface and no storage; pass a file "
+            "on a disk's filesystem or a block device"
+        )
 
 
 # struct flock on Linux: l_type, l_whence, l_start, l_len, l_pid (+ padding).
@@ -233,12 +239,19 @@ class LocalTarget:
             raise self._failed("flushing (fdatasync)", e) from e
 
     async def finish(self) -> None:
+        """Flushes and closes, keeping the target: at the end of a copy, or
+        after a stop that keeps it for a resume (zeroing still in progress
+        is waited for first). Once closed, there is nothing left to do."""
+        if self._fd < 0:
+            return
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._pool.shutdown, True)
         try:
-            await self._off_loop(os.fdatasync, self._fd)
+            await loop.run_in_executor(None, os.fdatasync, self._fd)
         except OSError as e:
             raise self._failed("flushing (fdatasync)", e) from e
         finally:
-            self._close()
+            await loop.run_in_executor(None, self._close)
 
     def _close(self, last: Callable[[], None] | None = None) -> None:
         """Stops the writers and closes the descriptors; `last` runs in
@@ -266,20 +279,6 @@ class LocalTarget:
         path names now."""
         st = os.fstat(self._fd)
         return st.st_dev, st.st_ino
-
-    async def keep(self) -> None:
-        """After a stop that keeps the target for a resume: waits for
-        zeroing in progress, then flushes and closes."""
-        if self._fd < 0:
-            return  # closed already: the copy had ended and flushed it
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self._pool.shutdown, True)
-        try:
-            await loop.run_in_executor(None, os.fdatasync, self._fd)
-        except OSError as e:
-            raise self._failed("flushing (fdatasync)", e) from e
-        finally:
-            await loop.run_in_executor(None, self._close)
 
     async def abort(self) -> str:
         """Waits for writes and zeroing in progress before closing, so
