@@ -235,12 +235,13 @@ async def copy(
     plan: Plan = Plan(), on_done: Callable[[int, int, memoryview | None], None] | None = None,
     buffers: Buffers | None = None,
 ) -> None:
-    """Copies what `plan` covers from the source onto the target and makes it
-    durable. `on_done(offset, length, data)` is told of every range written
-    (`data` what was written, valid only during the call) or zeroed (None):
-    the journal. `buffers` may be shared with other transfers (by
-    default the transfer has its own, as large as its bytes in flight).
-    Raises the first failure; the caller decides what happens to the target."""
+    """Copies what `plan` covers from the source onto the target; the caller
+    flushes it (`finish`) once its own bookkeeping is done. `on_done(offset,
+    length, data)` is told of every range written (`data` what was written,
+    valid only during the call) or zeroed (None): the journal. `buffers` may
+    be shared with other transfers (by default the transfer has its own, as
+    large as its bytes in flight). Raises the first failure; the caller
+    decides what happens to the target."""
     progress.size = source.size
     progress.planned = plan.remaining(source.size)
     slots = asyncio.Semaphore(tuning.max_requests * max(1, source.connections))
@@ -315,4 +316,3 @@ async def copy(
         progress.inflight = progress.inflight_bytes = 0
         for buf in lent.values():
             await pool.discard(buf)
-    await target.finish()

@@ -304,12 +304,6 @@ async def _first_unlike(written: list[journal.Written], source: NbdSource,
     return None
 
 
-async def _stopped(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-
-
 def first_error(e: BaseException) -> BaseException:
     """The engine's TaskGroup raises a group; the first leaf is the cause."""
     while isinstance(e, BaseExceptionGroup):
@@ -392,9 +386,16 @@ class Job:
             await self.target.sync()
             await asyncio.get_running_loop().run_in_executor(None, self.journal.commit, ranges)
 
-    async def _checkpoints(self) -> None:
+    async def _checkpoints(self, stop: asyncio.Event) -> None:
+        """A checkpoint every CHECKPOINT_SECONDS until `stop` is set. One
+        under way is finished, never cut short: its flush and its journal
+        append run in threads, which a cancel would leave running on a
+        target and a journal about to be closed."""
         while True:
-            await asyncio.sleep(journal.CHECKPOINT_SECONDS)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), journal.CHECKPOINT_SECONDS)
+            if stop.is_set():
+                return
             await self._checkpoint()
 
     async def run(self) -> None:
@@ -408,19 +409,25 @@ class Job:
     async def copy(self) -> None:
         """Copies the plan onto the target and flushes it, journaling
         completed ranges as it goes."""
-        checkpoints = asyncio.create_task(self._checkpoints())
+        stop = asyncio.Event()
+        checkpoints = asyncio.create_task(self._checkpoints(stop))
         try:
             await engine.copy(self.source, self.target, self.spec.tuning, self.progress,
                               self.plan, on_done=self.journal.record, buffers=self.buffers)
             self._check_complete()
         except BaseException:
-            await _stopped(checkpoints)
-            # What was written before the failure stays journaled for a resume.
+            stop.set()
+            # What was written before the failure stays journaled for a
+            # resume; after a failed flush nothing more is journaled (a
+            # second fdatasync may pass although the data was lost).
             with contextlib.suppress(Exception):
+                await checkpoints
                 await self._checkpoint()
             raise
-        await _stopped(checkpoints)
-        # All of it, flushed by the engine: a stop during verify resumes there.
+        stop.set()
+        await checkpoints
+        await self.target.finish()
+        # All of it, now flushed: a stop during verify resumes there.
         await asyncio.get_running_loop().run_in_executor(None, self.journal.commit,
                                                          self.journal.take())
 

@@ -57,6 +57,16 @@ def image(tmp_path: Path) -> Path:
     return path
 
 
+async def run_job(spec: Spec) -> Job:
+    """One transfer in-process, run to its end and closed."""
+    job = await Job.open(spec, engine.Progress())
+    try:
+        await job.run()
+    finally:
+        await job.close()
+    return job
+
+
 def start_request(source: str, target: Path) -> pb.StartTransferRequest:
     return pb.StartTransferRequest(
         transfer_id="disk0", source_uri=source, target_path=str(target),
@@ -158,15 +168,28 @@ def test_unwritable_journal_directory_only_costs_the_resume(
     image.write_bytes(os.urandom(MiB))
     target = tmp_path / "out.img"
 
-    async def run() -> bool:
-        with NbdServer.nbdkit(image, tmp_path / "nbd.sock") as server:
-            job = await Job.open(Spec(server.uri, str(target), engine.Tuning()),
-                                 engine.Progress())
-            try:
-                await job.run()
-            finally:
-                await job.close()
-            return job.journal.enabled
-
-    assert uvloop.run(run()) is False
+    with NbdServer.nbdkit(image, tmp_path / "nbd.sock") as server:
+        job = uvloop.run(run_job(Spec(server.uri, str(target), engine.Tuning())))
+    assert job.journal.enabled is False
     assert target.read_bytes() == image.read_bytes()
+
+
+def test_a_checkpoint_due_as_the_copy_ends_does_not_fail_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Checkpoints run back to back here, so one is always due as the copy
+    flushes and closes its target: it must be over by then (it once ran on
+    the closed target and failed the copy with an internal error)."""
+    monkeypatch.setattr(journal, "CHECKPOINT_SECONDS", 0)
+    image = tmp_path / "d.img"
+    image.write_bytes(os.urandom(8 * MiB))
+
+    with NbdServer.nbdkit(image, tmp_path / "nbd.sock") as server:
+        for n in range(20):
+            target = tmp_path / f"out{n}.img"
+            job = uvloop.run(run_job(Spec(server.uri, str(target),
+                                          engine.Tuning(request_size=256 * KiB))))
+            assert target.read_bytes() == image.read_bytes()
+            # Complete: neither the journal nor the unfinished mark is left.
+            assert not os.path.exists(job.journal.path)
+            assert not journal.is_marked(str(target))
