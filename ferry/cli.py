@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         "copy", help="copy one disk (NBD URI or local image) to a file or block device",
         description="Copy one disk with transferd's engine, in-process. Holes and zero "
         "extents of the source are never read. Interrupted (SIGINT, SIGTERM), it removes a "
-        "target file it created; killed outright, it leaves the target and a journal "
+        "target file it created (a second signal does not cut that short; one after the "
+        "copy completed changes nothing); killed outright, it leaves the target and a journal "
         "(TARGET.ferry-journal beside a file), and the same command resumes the copy. "
         "Exit status: 0 only when the target is complete and flushed (and, with --verify, "
         "equal to the source); 2 when an argument, the source or the target is wrong; "

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TextIO
 from urllib.parse import quote
 
@@ -254,18 +254,34 @@ def progress_line(p: engine.Progress, rate: float, verifying: bool, bar: int = 0
     return text
 
 
-async def _report(job: Job, out: TextIO, tty: bool, state: dict[str, bool]) -> None:
+async def _report(job: Job, out: TextIO, tty: bool) -> None:
     interval = 0.2 if tty else 1.0
     while True:
         await asyncio.sleep(interval)
-        line = progress_line(job.progress, job.progress.rate(), state["verifying"],
+        line = progress_line(job.progress, job.progress.rate(), job.progress.verifying,
                              bar=30 if tty else 0)
         out.write(f"\r{line}\x1b[K" if tty else f"{line}\n")
         out.flush()
 
 
+@dataclass
+class Stop:
+    """Where SIGINT and SIGTERM land. The first one cancels `task`: the
+    set-up at first, the copy and verify once the job is open. Later ones,
+    and any after the copy ended, are only noted, so the cleanup that
+    follows (removing a target this copy created) is never cut short."""
+
+    task: asyncio.Task[object]
+    signals: list[int] = field(default_factory=list)
+
+    def __call__(self, sig: int) -> None:
+        self.signals.append(sig)
+        if len(self.signals) == 1:
+            self.task.cancel()
+
+
 async def copy(args: argparse.Namespace, uri: str, source_id: str,
-               areas: tuple[tuple[int, int], ...] | None, out: TextIO,
+               areas: tuple[tuple[int, int], ...] | None, out: TextIO, stop: Stop,
                label: str = "") -> engine.Progress:
     options = CopyOptions(request_size=args.request_size, max_requests=args.requests,
                           connections=args.connections, profile=args.profile)
@@ -287,15 +303,13 @@ async def copy(args: argparse.Namespace, uri: str, source_id: str,
         out.write(f"resuming: {_human(progress.resumed)} of {_human(progress.size)} were "
                   f"copied by an earlier run ({job.journal.path})\n")
     tty = out.isatty()
-    state = {"verifying": False}
-    reporter = asyncio.create_task(_report(job, out, tty, state)) if args.progress else None
+    reporter = asyncio.create_task(_report(job, out, tty)) if args.progress else None
+    # No await since the job opened: a stop from here on cancels this task
+    # alone, never the cleanup below.
+    stop.task = asyncio.create_task(job.run())
     try:
         try:
-            await job.copy()
-            if spec.verify:
-                state["verifying"] = True
-                await job.verify()
-            job.finish()
+            await stop.task
         except BaseException as group:
             e = first_error(group)
             note = await job.abort()
@@ -333,26 +347,21 @@ async def _main(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None
-    stopped_by: list[int] = []
-
-    def stop(sig: int) -> None:
-        stopped_by.append(sig)
-        main.cancel()
-
+    stop = Stop(main)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop, sig)
     try:
-        await _copy_as_asked(args)
+        await _copy_as_asked(args, stop)
     except (errors.Cancelled, asyncio.CancelledError) as e:
         error = e if isinstance(e, errors.Cancelled) else errors.Cancelled(
             "the copy was interrupted before it started; nothing was written")
-        if stopped_by:
-            error.exit_code = 128 + stopped_by[0]
+        if stop.signals:
+            error.exit_code = 128 + stop.signals[0]
         raise error from None
     return 0
 
 
-async def _copy_as_asked(args: argparse.Namespace) -> None:
+async def _copy_as_asked(args: argparse.Namespace, stop: Stop) -> None:
     if not args.target:
         raise errors.InvalidInput("the target is empty; pass a file or a block device")
     if args.changed_areas and args.dirty_bitmap:
@@ -363,7 +372,7 @@ async def _copy_as_asked(args: argparse.Namespace) -> None:
         raise errors.InvalidInput("the source is empty; pass a disk image or an NBD URI")
     scheme = uri_scheme(args.source)
     if scheme in SCHEMES:
-        await copy(args, args.source, args.source, areas, sys.stderr)
+        await copy(args, args.source, args.source, areas, sys.stderr, stop)
         return
     if scheme:
         raise errors.InvalidInput(
@@ -381,7 +390,7 @@ async def _copy_as_asked(args: argparse.Namespace) -> None:
     # Before qemu-nbd starts, so these come first and cost nothing.
     check_target_for(target, bool(args.changed_areas or args.dirty_bitmap))
     with served(path, args.dirty_bitmap) as uri:
-        await copy(args, uri, image_identity(path), areas, sys.stderr, label=path)
+        await copy(args, uri, image_identity(path), areas, sys.stderr, stop, label=path)
 
 
 def run_copy(args: argparse.Namespace) -> int:

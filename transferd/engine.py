@@ -63,6 +63,7 @@ class Progress:
     inflight_bytes: int = 0
     retries: int = 0
     verified: int = 0
+    verifying: bool = False  # the copy is complete and flushed; verify runs
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
     on_bytes: Callable[[str, int], None] | None = None

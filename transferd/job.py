@@ -13,9 +13,9 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from ferry import errors
 from ferry.errors import shown
@@ -304,6 +304,29 @@ async def _first_unlike(written: list[journal.Written], source: NbdSource,
     return None
 
 
+T = TypeVar("T")
+
+
+async def to_the_end(work: Coroutine[Any, Any, T]) -> T:
+    """Runs `work` to its end even if the task is cancelled meanwhile, then
+    lets the cancel go on: cleanup or bookkeeping cut short would leave the
+    target, the journal and the transfer's state behind, or journal less
+    than was flushed."""
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
+
+
 def first_error(e: BaseException) -> BaseException:
     """The engine's TaskGroup raises a group; the first leaf is the cause."""
     while isinstance(e, BaseExceptionGroup):
@@ -417,17 +440,25 @@ class Job:
             self._check_complete()
         except BaseException:
             stop.set()
-            # What was written before the failure stays journaled for a
-            # resume; after a failed flush nothing more is journaled (a
-            # second fdatasync may pass although the data was lost).
-            with contextlib.suppress(Exception):
-                await checkpoints
-                await self._checkpoint()
+            await to_the_end(self._last_checkpoint(checkpoints))
             raise
         stop.set()
+        await to_the_end(self._flushed(checkpoints))
+
+    async def _last_checkpoint(self, checkpoints: asyncio.Task[None]) -> None:
+        """After a failure or a stop: what was written before it stays
+        journaled for a resume. After a failed flush nothing more is
+        journaled (a second fdatasync may pass although the data was lost)."""
+        with contextlib.suppress(Exception):
+            await checkpoints
+            await self._checkpoint()
+
+    async def _flushed(self, checkpoints: asyncio.Task[None]) -> None:
+        """The copy is complete: the last checkpoint ends, the target is
+        flushed and closed, and all of it is journaled, so a stop during
+        verify resumes there."""
         await checkpoints
         await self.target.finish()
-        # All of it, now flushed: a stop during verify resumes there.
         await asyncio.get_running_loop().run_in_executor(None, self.journal.commit,
                                                          self.journal.take())
 
@@ -444,12 +475,16 @@ class Job:
 
     def finish(self) -> None:
         """The transfer is complete: its journal has no more use."""
-        self.journal.remove()
+        # The mark first: a journal left by a kill in between belongs to
+        # no target, where a mark without a journal would refuse the next
+        # incremental copy.
         journal.unmark(self.spec.target_path)
+        self.journal.remove()
 
     async def verify(self) -> None:
         """Hashes source and target at once and compares. Progress counts
         what both sides have hashed."""
+        self.progress.verifying = True
         done = [0, 0]  # source, target
         lock = threading.Lock()  # the target side counts from hashing threads
 

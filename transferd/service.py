@@ -17,10 +17,10 @@ import stat
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from google.protobuf.message import Message
@@ -33,13 +33,12 @@ from ferry.rpc import check_strings
 from ferry.v1 import transfer_pb2 as pb
 from ferry.v1 import transfer_pb2_grpc as pb_grpc
 from transferd import checksum, engine
-from transferd.job import Job, Spec, check_spec, first_error, tuning_from
+from transferd.job import Job, Spec, check_spec, first_error, to_the_end, tuning_from
 from transferd.metrics import TransferMetrics
 from transferd.sources.nbd import NbdSource
 from transferd.targets.block import device_size
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 State = pb.TransferState
 FINAL = (State.TRANSFER_STATE_SUCCEEDED, State.TRANSFER_STATE_FAILED,
@@ -370,7 +369,7 @@ class TransferService(pb_grpc.TransferServiceServicer):  # type: ignore[misc]
                 state = State.TRANSFER_STATE_SUCCEEDED
             except asyncio.CancelledError:
                 if rec.suspending:
-                    note = (await _to_the_end(rec.job.suspend()) if rec.job
+                    note = (await to_the_end(rec.job.suspend()) if rec.job
                             else "nothing was written")
                     rec.error = f"transferd shut down before the transfer ended; {note}"
                 else:
@@ -391,7 +390,7 @@ class TransferService(pb_grpc.TransferServiceServicer):  # type: ignore[misc]
                 # Closed before the final state shows, so a watcher that sees
                 # it can reuse the source and the target at once.
                 if rec.job is not None:
-                    await _to_the_end(rec.job.close())
+                    await to_the_end(rec.job.close())
             finally:
                 for key in rec.busy_keys:
                     self._busy_targets.pop(key, None)
@@ -404,7 +403,7 @@ class TransferService(pb_grpc.TransferServiceServicer):  # type: ignore[misc]
         """Cleans up after a failure or cancel and says what became of the target."""
         if rec.job is None:
             return "nothing was written"
-        note = await _to_the_end(rec.job.abort())
+        note = await to_the_end(rec.job.abort())
         if rec.job.target.created:
             # Removed: whatever takes its inode number later is no target.
             rec.target_inode = None
@@ -558,19 +557,6 @@ def _differences(a: Message, b: Message, prefix: str = "") -> list[str]:
         elif x != y:
             out.append(prefix + f.name)
     return out
-
-
-async def _to_the_end(work: Coroutine[Any, Any, T]) -> T:
-    """Runs a transfer's cleanup to its end even if the task is cancelled
-    meanwhile: the task is ending anyway, and a cleanup cut short would
-    leave the target, the journal and the transfer's state behind."""
-    task = asyncio.ensure_future(work)
-    while True:
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if task.done():
-                raise
 
 
 def _busy_keys(path: str) -> list[str]:

@@ -5,17 +5,25 @@ that takes fewer connections or smaller requests than asked."""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from ferry import errors
 from tests.transferd.conftest import KiB, MiB, NbdServer, ferry_copy
 from transferd import journal
+from transferd.copy import add_arguments, run_copy
+from transferd.job import Job
 
 SIZE = 16 * MiB
 
@@ -313,6 +321,69 @@ def test_sigint_exits_130(image: Path, tmp_path: Path):
     assert proc.returncode == 130, stderr
     assert "the copy was interrupted" in stderr
     assert not target.exists()
+
+
+def copy_in_process(*argv: str | Path) -> int:
+    """`ferry copy ARGV` in this process (signals to this process reach it),
+    so a test can hold it at a chosen step; raises what the CLI reports."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return run_copy(parser.parse_args([str(a) for a in argv]))
+
+
+def interrupt_once_created(target: Path) -> threading.Thread:
+    """Ctrl-C once the copy has created its target."""
+    def interrupt() -> None:
+        while not target.exists():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+    thread = threading.Thread(target=interrupt, daemon=True)
+    thread.start()
+    return thread
+
+
+def interrupting(step: str) -> Callable[[Job], Coroutine[Any, Any, object]]:
+    """`Job.<step>`, with a Ctrl-C landing while it runs."""
+    real = getattr(Job, step)
+
+    async def hit(self: Job) -> object:
+        os.kill(os.getpid(), signal.SIGINT)
+        await asyncio.sleep(0.2)  # the signal is handled meanwhile
+        return await real(self)
+    return hit
+
+
+def test_a_second_ctrl_c_does_not_cut_the_cleanup_short(
+        image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The second Ctrl-C lands while the first one's cleanup runs: the
+    target this copy created and its journal are still removed, and the
+    message says so (it once said 'nothing was written' and left both)."""
+    monkeypatch.setattr(Job, "abort", interrupting("abort"))
+    target = tmp_path / "out.img"
+    with slow_server(image, tmp_path / "nbd.sock") as server:
+        interrupt_once_created(target)
+        with pytest.raises(errors.Cancelled) as stopped:
+            copy_in_process(server.uri, target, *SLOW)
+
+    assert stopped.value.exit_code == 130
+    assert "the copy was interrupted" in str(stopped.value)
+    assert "was removed" in str(stopped.value)
+    assert not target.exists()
+    assert not Path(f"{target}{journal.SUFFIX}").exists()
+
+
+def test_a_ctrl_c_after_the_copy_completed_leaves_it_complete(
+        image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A Ctrl-C that lands once the target is complete and flushed (as the
+    source is let go): the copy succeeded and says so, exit 0 (it once said
+    'interrupted before it started; nothing was written')."""
+    monkeypatch.setattr(Job, "close", interrupting("close"))
+    target = tmp_path / "out.img"
+    with NbdServer.nbdkit(image, tmp_path / "nbd.sock") as server:
+        assert copy_in_process(server.uri, target) == 0
+
+    assert target.read_bytes() == image.read_bytes()
+    assert not Path(f"{target}{journal.SUFFIX}").exists()
 
 
 def test_a_failure_before_any_write_says_the_existing_target_is_untouched(

@@ -5,6 +5,7 @@ and bad input that once came back as a traceback or an internal error."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import queue
 import re
@@ -28,7 +29,7 @@ from tests.transferd.conftest import (
     transferd_subprocess,
     wait_final,
 )
-from transferd.service import _to_the_end
+from transferd.job import to_the_end
 from transferd.targets.file import FileTarget
 
 S = pb.TransferState
@@ -91,7 +92,8 @@ def test_concurrent_cancels_all_return_cancelled_and_sigterm_still_stops(
 
 def test_cleanup_runs_to_its_end_however_often_the_task_is_cancelled():
     """The fault behind racing cancels: a cancel landing while a cancelled
-    transfer cleans up must not cut the cleanup short."""
+    transfer cleans up must not cut the cleanup short, and the task still
+    ends cancelled once the cleanup is done."""
     steps: list[int] = []
 
     async def cleanup() -> str:
@@ -101,18 +103,28 @@ def test_cleanup_runs_to_its_end_however_often_the_task_is_cancelled():
         return "removed"
 
     async def transfer_task() -> str:
-        return await _to_the_end(cleanup())
+        return await to_the_end(cleanup())
 
-    async def main() -> str:
+    async def main() -> bool:
         task = asyncio.create_task(transfer_task())
         await asyncio.sleep(0)
         for _ in range(3):
             task.cancel()
             await asyncio.sleep(0.005)
-        return await task
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return task.cancelled()
 
-    assert asyncio.run(main()) == "removed"
+    assert asyncio.run(main()) is True
     assert steps == [0, 1, 2]
+
+
+def test_cleanup_not_cancelled_returns_its_result():
+    async def cleanup() -> str:
+        await asyncio.sleep(0.01)
+        return "removed"
+
+    assert asyncio.run(to_the_end(cleanup())) == "removed"
 
 
 def test_target_that_qemu_nbd_serves_as_the_source_is_refused(

@@ -4,6 +4,7 @@ verifies."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from ferry.v1 import transfer_pb2_grpc as pb_grpc
 from tests.transferd.conftest import KiB, MiB, NbdServer, wait_final
 from transferd import engine, journal
 from transferd.job import Job, Spec
+from transferd.targets.local import LocalTarget
 
 S = pb.TransferState
 SIZE = 64 * MiB
@@ -193,3 +195,44 @@ def test_a_checkpoint_due_as_the_copy_ends_does_not_fail_it(
             # Complete: neither the journal nor the unfinished mark is left.
             assert not os.path.exists(job.journal.path)
             assert not journal.is_marked(str(target))
+
+
+def test_a_stop_as_the_copy_ends_journals_all_it_flushed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """transferd stopping (SIGTERM) as a copy ends, while a checkpoint is
+    under way: the checkpoint, the final flush and the last journal entry
+    still complete, so the resume has nothing left to copy (the cut-short
+    checkpoint once lost its ranges and the resume copied half again)."""
+    monkeypatch.setattr(journal, "CHECKPOINT_SECONDS", 0)
+    real_sync = LocalTarget.sync
+
+    async def slow_sync(self: LocalTarget) -> None:
+        await asyncio.sleep(0.2)  # a checkpoint is under way whenever the copy ends
+        await real_sync(self)
+
+    monkeypatch.setattr(LocalTarget, "sync", slow_sync)
+    image = tmp_path / "d.img"
+    image.write_bytes(os.urandom(8 * MiB))
+    target = tmp_path / "out.img"
+
+    async def stopped_as_it_ends(uri: str) -> None:
+        spec = Spec(uri, str(target), engine.Tuning(request_size=256 * KiB))
+        job = await Job.open(spec, engine.Progress())
+        copying = asyncio.create_task(job.copy())
+        while job.progress.done < job.progress.size:
+            await asyncio.sleep(0.001)
+        copying.cancel()  # what the service does on SIGTERM, then suspends
+        with pytest.raises(asyncio.CancelledError):
+            await copying
+        await job.suspend()
+        await job.close()
+
+    with NbdServer.nbdkit(image, tmp_path / "nbd.sock") as server:
+        uvloop.run(stopped_as_it_ends(server.uri))
+        resumed = uvloop.run(run_job(Spec(server.uri, str(target),
+                                          engine.Tuning(request_size=256 * KiB))))
+
+    assert resumed.progress.resumed == 8 * MiB
+    assert resumed.progress.read == 0
+    assert target.read_bytes() == image.read_bytes()

@@ -242,16 +242,19 @@ class LocalTarget:
         """Flushes and closes, keeping the target: at the end of a copy, or
         after a stop that keeps it for a resume (zeroing still in progress
         is waited for first). Once closed, there is nothing left to do."""
-        if self._fd < 0:
-            return
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self._pool.shutdown, True)
+        if self._fd >= 0:
+            await asyncio.get_running_loop().run_in_executor(None, self._flush_and_close)
+
+    def _flush_and_close(self) -> None:
+        """In one thread, in order: a cancel of the caller cannot close the
+        descriptor under a flush still running."""
+        self._pool.shutdown(wait=True)
         try:
-            await loop.run_in_executor(None, os.fdatasync, self._fd)
+            os.fdatasync(self._fd)
         except OSError as e:
             raise self._failed("flushing (fdatasync)", e) from e
         finally:
-            await loop.run_in_executor(None, self._close)
+            self._close()
 
     def _close(self, last: Callable[[], None] | None = None) -> None:
         """Stops the writers and closes the descriptors; `last` runs in
