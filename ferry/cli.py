@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -116,6 +117,14 @@ def _die_with_parent() -> None:
         die_with_parent(int(parent))
 
 
+def _ignore_stop_signals() -> None:
+    """ferry copy's outcome is decided once its event loop has closed, which
+    gives SIGINT and SIGTERM back their defaults: a signal from then to the
+    exit would only hide that outcome, with a traceback or by killing."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -144,7 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "copy":
             from transferd.copy import run_copy
 
-            return run_copy(args)
+            try:
+                return run_copy(args)
+            finally:
+                _ignore_stop_signals()
         from controlplane.migrate import run_migrate
 
         return run_migrate(args)

@@ -386,6 +386,34 @@ def test_a_ctrl_c_after_the_copy_completed_leaves_it_complete(
     assert not Path(f"{target}{journal.SUFFIX}").exists()
 
 
+# `ferry copy`, then the signal again and again until the process is gone,
+# as an impatient user or a supervisor might send it.
+SIGNALLED_AFTER_MAIN = """
+import os, subprocess, sys
+from ferry.cli import main
+status = main(["copy", *sys.argv[2:]])
+subprocess.Popen(["sh", "-c", f"while kill -{sys.argv[1]} {os.getpid()}; do sleep 0.001; done"],
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+sys.exit(status)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_after_the_copy_ended_does_not_change_its_exit_status(
+        image: Path, tmp_path: Path, sig: signal.Signals):
+    """Python gives signals back their default action as it exits: SIGTERM
+    then killed a process whose copy had succeeded."""
+    target = tmp_path / "out.img"
+    with NbdServer.nbdkit(image, tmp_path / "nbd.sock") as server:
+        done = subprocess.run([sys.executable, "-c", SIGNALLED_AFTER_MAIN, str(int(sig)),
+                               server.uri, str(target)],
+                              capture_output=True, text=True, timeout=120, check=False)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert target.read_bytes() == image.read_bytes()
+
+
 def test_a_failure_before_any_write_says_the_existing_target_is_untouched(
         image: Path, tmp_path: Path):
     target = tmp_path / "out.img"
