@@ -73,14 +73,15 @@ def parse_size(text: str) -> int:
 def parse_count(text: str) -> int:
     """A count of things (requests, connections): 0 for the default or more;
     the option's own range is checked with the other options."""
-    if not (text.strip().isascii() and text.strip().isdigit()):
+    digits = text.strip()
+    if not (digits.isascii() and digits.isdigit()):
         raise argparse.ArgumentTypeError(
             f"{text[:40]!r} is not a whole number of 0 or more; pass e.g. 16, or 0 for the default"
         )
-    value = int(text) if len(text.strip()) <= 10 else 1 << 32
-    if value >= 1 << 32:
+    # Its length first: int() of a few thousand digits is refused, and slow.
+    if len(digits) > 10 or int(digits) >= 1 << 32:
         raise argparse.ArgumentTypeError(f"{text!r} is far too large; pass e.g. 16")
-    return value
+    return int(digits)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

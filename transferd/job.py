@@ -403,11 +403,20 @@ class Job:
     def connections(self) -> int:
         return self.source.connections
 
+    async def _commit(self, ranges: list[journal.Written]) -> None:
+        """Journals ranges already durable on the target."""
+        await asyncio.get_running_loop().run_in_executor(None, self.journal.commit, ranges)
+
     async def _checkpoint(self) -> None:
         ranges = self.journal.take()
         if ranges:
             await self.target.sync()
-            await asyncio.get_running_loop().run_in_executor(None, self.journal.commit, ranges)
+            await self._commit(ranges)
+
+    async def _flush_all(self) -> None:
+        """Flushes and closes the target, then journals all it was told of."""
+        await self.target.finish()
+        await self._commit(self.journal.take())
 
     async def _checkpoints(self, stop: asyncio.Event) -> None:
         """A checkpoint every CHECKPOINT_SECONDS until `stop` is set. One
@@ -458,9 +467,7 @@ class Job:
         flushed and closed, and all of it is journaled, so a stop during
         verify resumes there."""
         await checkpoints
-        await self.target.finish()
-        await asyncio.get_running_loop().run_in_executor(None, self.journal.commit,
-                                                         self.journal.take())
+        await self._flush_all()
 
     def _check_complete(self) -> None:
         """The copy returned: refuses to call it done unless every planned
@@ -528,9 +535,7 @@ class Job:
         """After the copy was stopped for a shutdown (not by the operator):
         makes what was written durable and journaled, and keeps the target
         and its journal, even a target this transfer created, for a resume."""
-        await self.target.finish()
-        await asyncio.get_running_loop().run_in_executor(None, self.journal.commit,
-                                                         self.journal.take())
+        await self._flush_all()
         self.journal.close()
         if not self.journal.enabled:
             return (f"the target {self.spec.target_path} was kept, without a journal: the "

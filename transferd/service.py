@@ -83,8 +83,7 @@ class _Record:
     request: pb.StartTransferRequest
     spec: Spec
     connections: int
-    # The target's real path, and its keys in the busy-target check.
-    real_target: str
+    # The target's keys in the busy-target check, its real path first.
     busy_keys: list[str]
     log: ContextLogger
     progress: engine.Progress
@@ -100,6 +99,10 @@ class _Record:
     # Cancelled by the daemon's shutdown: the target and journal stay.
     suspending: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def real_target(self) -> str:
+        return self.busy_keys[0]
 
     def to_proto(self) -> pb.Transfer:
         p = self.progress
@@ -244,7 +247,6 @@ class TransferService(pb_grpc.TransferServiceServicer):  # type: ignore[misc]
         path = request.target_path
         # Any name of the file (./, //, a symlink) is the same target. Checked
         # first: the target's checks would find the lock the holder took.
-        real = os.path.realpath(path)
         keys = _busy_keys(path)
         busy = next((self._busy_targets[k] for k in keys if k in self._busy_targets), None)
         if os.path.isabs(path) and busy is not None:
@@ -286,7 +288,6 @@ class TransferService(pb_grpc.TransferServiceServicer):  # type: ignore[misc]
             request=request,
             spec=spec,
             connections=connections,
-            real_target=real,
             busy_keys=keys,
             log=context_logger(log, {"plan": labels.plan, "vm": labels.vm,
                                      "disk": labels.disk, "transfer": transfer_id}),

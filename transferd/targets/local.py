@@ -257,8 +257,10 @@ class LocalTarget:
             self._close()
 
     def _close(self, last: Callable[[], None] | None = None) -> None:
-        """Stops the writers and closes the descriptors; `last` runs in
-        between, while the descriptor still holds the target's lock."""
+        """Waits for zeroing in progress, stops the writers and closes the
+        descriptors; `last` runs in between, while the descriptor still
+        holds the target's lock."""
+        self._pool.shutdown(wait=True)
         with self._io:
             if not self._closed:
                 self._closed = True
@@ -274,7 +276,6 @@ class LocalTarget:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        self._pool.shutdown(wait=False)
 
     @property
     def file_id(self) -> tuple[int, int]:
@@ -286,9 +287,7 @@ class LocalTarget:
     async def abort(self) -> str:
         """Waits for writes and zeroing in progress before closing, so
         nothing lands after; says what became of the target."""
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self._pool.shutdown, True)
-        await loop.run_in_executor(None, self._close, self._discard)
+        await asyncio.get_running_loop().run_in_executor(None, self._close, self._discard)
         return self._abort_note()
 
     def _discard(self) -> None:
