@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from ferry.v1 import transfer_pb2 as pb
 from tests.transferd.conftest import (
@@ -17,6 +18,7 @@ from tests.transferd.conftest import (
     in_process_transferd,
     wait_final,
 )
+from transferd.sources.nbd import NbdSource, _Connection
 
 S = pb.TransferState
 
@@ -143,3 +145,34 @@ def test_pending_transfer_holds_no_connection_and_no_target_until_its_turn(
     assert final.state == S.TRANSFER_STATE_SUCCEEDED, final.error
     assert final.progress.bytes_planned == image.stat().st_size
     assert target.read_bytes() == image.read_bytes()
+
+
+def test_an_unexpected_failure_of_an_extra_connection_closes_every_connection(
+    image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """One extra connection failing with an error no server gives (a fault
+    made here): every connection already made is closed, also those that
+    came up after the failed one in the list (they were once left open)."""
+    real_connect, real_close = _Connection.connect, _Connection.close
+    made: list[_Connection] = []
+    closed: list[_Connection] = []
+
+    async def connect(self: _Connection) -> None:
+        made.append(self)
+        if len(made) == 3:  # the second extra one, of three
+            raise RuntimeError("a fault made by the test")
+        await real_connect(self)
+
+    def close(self: _Connection) -> None:
+        closed.append(self)
+        real_close(self)
+
+    monkeypatch.setattr(_Connection, "connect", connect)
+    monkeypatch.setattr(_Connection, "close", close)
+    with (NbdServer.nbdkit(image, tmp_path / "nbd.sock") as server,
+          pytest.raises(RuntimeError, match="a fault made by the test")):
+        uvloop.run(NbdSource.open(server.uri, connections=4))
+
+    connected = [c for i, c in enumerate(made) if i != 2]
+    assert len(connected) == 3
+    assert all(c in closed for c in connected)

@@ -454,10 +454,10 @@ class NbdSource:
                 more = [_Connection(uri, loop, contexts, EXTRA_CONNECT_SECONDS)
                         for _ in range(connections - 1)]
                 got = await asyncio.gather(*(c.connect() for c in more), return_exceptions=True)
-                for c, outcome in zip(more, got, strict=True):
-                    if outcome is None:
-                        conns.append(c)
-                    elif not isinstance(outcome, errors.FerryError):
+                # All that connected first, so a failure below closes them too.
+                conns += [c for c, outcome in zip(more, got, strict=True) if outcome is None]
+                for outcome in got:
+                    if outcome is not None and not isinstance(outcome, errors.FerryError):
                         raise outcome
                 if len(conns) < connections:
                     # A server may take fewer clients than it allows
