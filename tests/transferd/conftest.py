@@ -56,6 +56,13 @@ def transferd() -> Iterator[Transferd]:
         yield td
 
 
+@pytest.fixture(scope="module")
+def one_at_a_time() -> Iterator[Transferd]:
+    """A transferd that runs one transfer at a time: the others wait, PENDING."""
+    with in_process_transferd(max_transfers=1) as td:
+        yield td
+
+
 def _wait_until_serving(pidfile: Path, proc: subprocess.Popen[bytes]) -> None:
     """qemu-nbd and nbdkit write their pid file once they accept connections."""
     deadline = time.monotonic() + 20
@@ -73,10 +80,11 @@ def ferry_copy(*args: str | Path, timeout: float = 120) -> subprocess.CompletedP
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def transferd_subprocess(sock: Path, err: IO[bytes], metrics: str = ""
+def transferd_subprocess(sock: Path, err: IO[bytes] | None = None, metrics: str = ""
                          ) -> subprocess.Popen[bytes]:
     """transferd in a process of its own, as `ferry serve transferd` runs it,
-    logging at INFO to `err`; `metrics` is its metrics address ("" for none)."""
+    logging at INFO to `err` (by default the test's stderr); `metrics` is its
+    metrics address ("" for none)."""
     return subprocess.Popen(
         [sys.executable, "-c",
          "import logging, sys; logging.basicConfig(level=logging.INFO); "

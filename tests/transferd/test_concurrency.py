@@ -4,7 +4,6 @@ than one connection only where the server allows it."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,18 +14,11 @@ from tests.transferd.conftest import (
     MiB,
     NbdServer,
     Transferd,
-    in_process_transferd,
     wait_final,
 )
 from transferd.sources.nbd import NbdSource, _Connection
 
 S = pb.TransferState
-
-
-@pytest.fixture(scope="module")
-def one_at_a_time() -> Iterator[Transferd]:
-    with in_process_transferd(max_transfers=1) as td:
-        yield td
 
 
 @pytest.fixture(scope="module")

@@ -33,26 +33,12 @@ def start_copy(*args: str | Path) -> subprocess.Popen[str]:
                             stderr=subprocess.PIPE, text=True)
 
 
-def journaled(target: Path) -> bool:
-    """The copy wrote a checkpoint: its journal lists a range."""
-    try:
-        return len(Path(f"{target}{journal.SUFFIX}").read_text().splitlines()) > 1
-    except FileNotFoundError:
-        return False
-
-
-def killed_once_journaled(proc: subprocess.Popen[str], target: Path) -> None:
-    while not journaled(target):
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        time.sleep(0.02)
-    proc.kill()
-    proc.wait()
-
-
-def killed_once_journaled_in(proc: subprocess.Popen[str], journals: Path) -> None:
-    """The same for a journal kept in the state directory."""
-    while not any(len(j.read_text().splitlines()) > 1 for j in journals.glob("*")
-                  if j.suffix == journal.SUFFIX):
+def killed_once_journaled(proc: subprocess.Popen[str], target: Path,
+                          journal_file: Path | None = None) -> None:
+    """SIGKILLs the copy once it wrote a checkpoint: its journal (beside the
+    target unless `journal_file` says where) lists a range."""
+    journal_file = journal_file or Path(f"{target}{journal.SUFFIX}")
+    while not (journal_file.exists() and len(journal_file.read_text().splitlines()) > 1):
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         time.sleep(0.02)
     proc.kill()
@@ -60,6 +46,8 @@ def killed_once_journaled_in(proc: subprocess.Popen[str], journals: Path) -> Non
 
 
 SLOW = ("--requests", "1", "--request-size", "256K")
+# For a local image, which qemu-nbd serves with no delay filter.
+TINY_REQUESTS = ("--requests", "1", "--request-size", "4K")
 
 
 def copy_under_way(uri: str, target: Path) -> subprocess.Popen[str]:
@@ -158,8 +146,7 @@ def test_a_target_emptied_in_place_before_the_resume_is_copied_whole(
 def test_an_image_changed_in_place_keeping_its_mtime_is_copied_whole(
         big_image: Path, tmp_path: Path):
     target = tmp_path / "out.img"
-    killed_once_journaled(start_copy(big_image, target, "--requests", "1", "--request-size",
-                                     "4K"), target)
+    killed_once_journaled(start_copy(big_image, target, *TINY_REQUESTS), target)
     st = big_image.stat()
     with big_image.open("r+b") as f:
         f.write(os.urandom(64 * KiB))
@@ -173,8 +160,7 @@ def test_an_image_changed_in_place_keeping_its_mtime_is_copied_whole(
 
 def test_an_image_changed_before_the_resume_is_copied_whole(big_image: Path, tmp_path: Path):
     target = tmp_path / "out.img"
-    killed_once_journaled(start_copy(big_image, target, "--requests", "1", "--request-size",
-                                     "4K"), target)
+    killed_once_journaled(start_copy(big_image, target, *TINY_REQUESTS), target)
     with big_image.open("r+b") as f:
         f.write(os.urandom(64 * KiB))
     done = ferry_copy(big_image, target, "--progress")
@@ -187,7 +173,7 @@ def test_an_image_changed_before_the_resume_is_copied_whole(big_image: Path, tmp
 def test_sigkill_of_a_copy_of_an_image_takes_its_qemu_nbd_along(
         big_image: Path, tmp_path: Path):
     target = tmp_path / "out.img"
-    proc = start_copy(big_image, target, "--requests", "1", "--request-size", "4K")
+    proc = start_copy(big_image, target, *TINY_REQUESTS)
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
     while not (servers := children.read_text().split()):
         assert proc.poll() is None
@@ -224,8 +210,9 @@ def test_a_target_name_too_long_for_a_journal_beside_it_still_resumes(
     monkeypatch.setenv("FERRY_STATE_DIR", str(tmp_path / "state"))
     target = tmp_path / ("n" * 250)
     with slow_server(image, tmp_path / "nbd.sock") as server:
-        killed_once_journaled_in(start_copy(server.uri, target, *SLOW),
-                                 tmp_path / "state" / "transferd-journals")
+        in_state_dir = journal.journal_path(str(target), str(tmp_path / "state" /
+                                            "transferd-journals"), beside=True)
+        killed_once_journaled(start_copy(server.uri, target, *SLOW), target, Path(in_state_dir))
         done = ferry_copy(server.uri, target)  # no --progress: the resume is said anyway
 
     assert done.returncode == 0, done.stderr

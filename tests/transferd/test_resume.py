@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +18,7 @@ import uvloop
 
 from ferry.v1 import transfer_pb2 as pb
 from ferry.v1 import transfer_pb2_grpc as pb_grpc
-from tests.transferd.conftest import KiB, MiB, NbdServer, wait_final
+from tests.transferd.conftest import KiB, MiB, NbdServer, transferd_subprocess, wait_final
 from transferd import engine, journal
 from transferd.job import Job, Spec
 from transferd.targets.local import LocalTarget
@@ -31,10 +30,7 @@ SIZE = 64 * MiB
 @contextmanager
 def transferd_process(sock: Path) -> Iterator[tuple[subprocess.Popen[bytes],
                                                     pb_grpc.TransferServiceStub]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from transferd.server import serve; "
-         "serve(sys.argv[1], '')", f"unix:{sock}"],
-    )
+    proc = transferd_subprocess(sock)
     try:
         with grpc.insecure_channel(f"unix:{sock}") as channel:
             grpc.channel_ready_future(channel).result(timeout=30)

@@ -40,12 +40,6 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def one_at_a_time() -> Iterator[Transferd]:
-    with in_process_transferd(max_transfers=1) as td:
-        yield td
-
-
 @pytest.fixture
 def slow(image: Path, tmp_path: Path) -> Iterator[NbdServer]:
     """A second per MiB read: a transfer from it runs while the test looks."""
