@@ -118,9 +118,9 @@ def _die_with_parent() -> None:
 
 
 def _ignore_stop_signals() -> None:
-    """ferry copy's outcome is decided once its event loop has closed, which
-    gives SIGINT and SIGTERM back their defaults: a signal from then to the
-    exit would only hide that outcome, with a traceback or by killing."""
+    """A command's outcome is decided once it returned, and Python gives
+    SIGINT and SIGTERM back their defaults on its way out: a signal from then
+    to the exit would only hide that outcome, with a traceback or by killing."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
 
@@ -153,10 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "copy":
             from transferd.copy import run_copy
 
-            try:
-                return run_copy(args)
-            finally:
-                _ignore_stop_signals()
+            return run_copy(args)
         from controlplane.migrate import run_migrate
 
         return run_migrate(args)
@@ -166,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ferry: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _ignore_stop_signals()
 
 
 if __name__ == "__main__":
